@@ -1,0 +1,93 @@
+// Activation functors shared by the CPU and CUDA kernels. The codes mirror the one table in
+// genfast/activations.py (tests/test_build.py checks they agree). Math is done in float (or
+// double for double inputs): callers convert half/bfloat16 to float first.
+#pragma once
+
+#include <cmath>
+
+#ifdef __CUDACC__
+#define GENFAST_HD __host__ __device__ __forceinline__
+#else
+#define GENFAST_HD inline
+#endif
+
+namespace genfast {
+
+enum class Act : int {
+  None = 0,
+  Relu = 1,
+  LeakyRelu = 2,
+  Gelu = 3,
+  GeluTanh = 4,
+  Silu = 5,
+  Sigmoid = 6,
+  Tanh = 7,
+};
+constexpr int kNumActivations = 8;
+
+// What backward needs, by activation (same as Activation.saves in Python).
+enum class Saves : int { None = 0, Mask = 1, Output = 2, Preact = 3 };
+
+GENFAST_HD Saves saves_of(Act a) {
+  switch (a) {
+    case Act::Relu:
+    case Act::LeakyRelu: return Saves::Mask;
+    case Act::Sigmoid:
+    case Act::Tanh: return Saves::Output;
+    case Act::Gelu:
+    case Act::GeluTanh:
+    case Act::Silu: return Saves::Preact;
+    default: return Saves::None;
+  }
+}
+
+template <typename T>
+GENFAST_HD T act_forward(Act a, T z, T slope) {
+  const T half = T(0.5), one = T(1);
+  switch (a) {
+    case Act::Relu: return z > T(0) ? z : T(0);
+    case Act::LeakyRelu: return z > T(0) ? z : z * slope;
+    case Act::Gelu: return half * z * (one + erf(z * T(0.70710678118654752440)));
+    case Act::GeluTanh: {
+      const T inner = T(0.79788456080286535588) * (z + T(0.044715) * z * z * z);
+      return half * z * (one + tanh(inner));
+    }
+    case Act::Silu: return z / (one + exp(-z));
+    case Act::Sigmoid: return one / (one + exp(-z));
+    case Act::Tanh: return tanh(z);
+    default: return z;
+  }
+}
+
+// dy/dz from what was saved: `s` is z (Preact), y (Output) or 1/0 for the mask bit (Mask).
+template <typename T>
+GENFAST_HD T act_derivative(Act a, T s, T slope) {
+  const T half = T(0.5), one = T(1);
+  switch (a) {
+    case Act::Relu: return s != T(0) ? one : T(0);
+    case Act::LeakyRelu: return s != T(0) ? one : slope;
+    case Act::Gelu: {
+      const T cdf = half * (one + erf(s * T(0.70710678118654752440)));
+      const T pdf = exp(-half * s * s) * T(0.39894228040143267794);
+      return cdf + s * pdf;
+    }
+    case Act::GeluTanh: {
+      const T k = T(0.79788456080286535588), c = T(0.044715);
+      const T t = tanh(k * (s + c * s * s * s));
+      return half * (one + t) + half * s * (one - t * t) * k * (one + T(3) * c * s * s);
+    }
+    case Act::Silu: {
+      const T sig = one / (one + exp(-s));
+      return sig * (one + s * (one - sig));
+    }
+    case Act::Sigmoid: return s * (one - s);
+    case Act::Tanh: return one - s * s;
+    default: return one;
+  }
+}
+
+// Bytes per row of the packed relu mask: one bit per output feature, rows padded to 128 bits
+// (the layout cuBLASLt's RELU_AUX epilogues use), bit j of a row in byte j / 8, bit j % 8.
+GENFAST_HD long long mask_row_bytes(long long n) { return (n + 127) / 128 * 16; }
+
+}  // namespace genfast

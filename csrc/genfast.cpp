@@ -1,0 +1,54 @@
+// genfast._C: binds every op's CPU and CUDA entry points. The Python layer (genfast/ops)
+// wraps them in torch.library custom ops; nothing here is meant to be called directly.
+#include <torch/extension.h>
+
+#include "common/activations.h"
+#include "dense/dense.h"
+
+#ifndef GENFAST_CUDA_ARCHS
+#define GENFAST_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef GENFAST_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = CUDA_VERSION;
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+#endif
+  info["cuda_archs"] = GENFAST_CUDA_ARCHS;
+  info["torch"] = GENFAST_TORCH_VERSION;
+  return info;
+}
+
+pybind11::dict activation_codes() {
+  using genfast::Act;
+  pybind11::dict codes;
+  codes["none"] = static_cast<int>(Act::None);
+  codes["relu"] = static_cast<int>(Act::Relu);
+  codes["leaky_relu"] = static_cast<int>(Act::LeakyRelu);
+  codes["gelu"] = static_cast<int>(Act::Gelu);
+  codes["gelu_tanh"] = static_cast<int>(Act::GeluTanh);
+  codes["silu"] = static_cast<int>(Act::Silu);
+  codes["sigmoid"] = static_cast<int>(Act::Sigmoid);
+  codes["tanh"] = static_cast<int>(Act::Tanh);
+  return codes;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "genfast kernels (internal: use the genfast package)";
+  m.def("build_info", &build_info);
+  m.def("activation_codes", &activation_codes);
+  m.def("dense_forward_cpu", &genfast::dense_forward_cpu);
+  m.def("dense_backward_cpu", &genfast::dense_backward_cpu);
+#ifdef GENFAST_WITH_CUDA
+  m.def("dense_forward_cuda", &genfast::dense_forward_cuda);
+  m.def("dense_backward_cuda", &genfast::dense_backward_cuda);
+#endif
+}

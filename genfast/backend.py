@@ -1,0 +1,117 @@
+"""Which implementation of an op runs: decided here and nowhere else.
+
+From the tensor's device, what was built, and the pinned backend (``use_backend`` or the
+``GENFAST_BACKEND`` environment variable). Unpinned, a CUDA tensor goes to ``cuda`` then ``triton``
+then ``reference``, a CPU tensor to ``cpu`` then ``reference``; falling back past a missing backend
+warns once. A pinned backend that cannot run raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+import warnings
+from typing import Iterator
+
+import torch
+
+from genfast import _extension
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+_DEFAULT_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+_state = threading.local()
+_warned: set[tuple[str, str]] = set()
+
+
+def triton_version() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def why_unusable(name: str, device_type: str) -> str | None:
+    """None if backend `name` can run on tensors of `device_type`, else the reason it cannot."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; expected one of {BACKENDS}"
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got {device_type} tensors"
+        return None if _extension.has_cpu_kernels() else f"genfast._C did not load ({_extension.IMPORT_ERROR})"
+    if name == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {device_type} tensors"
+        return None if _extension.has_cuda_kernels() else "genfast._C was built without CUDA kernels"
+    if triton_version() is None:
+        return "triton is not installed"
+    if device_type == "cuda" or (device_type == "cpu" and _triton_interpreted()):
+        return None
+    return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device_type} tensors"
+
+
+def pinned_backend() -> str | None:
+    return getattr(_state, "pinned", None) or os.environ.get("GENFAST_BACKEND") or None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run every genfast op inside the block on backend `name` (raises at the op if it can't run)."""
+    if name not in BACKENDS:
+        raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {BACKENDS}")
+    previous = getattr(_state, "pinned", None)
+    _state.pinned = name
+    try:
+        yield
+    finally:
+        _state.pinned = previous
+
+
+def select(device: torch.device) -> str:
+    """The backend that runs an op whose tensors live on `device`."""
+    pinned = pinned_backend()
+    if pinned is not None:
+        reason = why_unusable(pinned, device.type)
+        if reason is not None:
+            raise RuntimeError(f"genfast backend {pinned!r} was pinned but cannot run: {reason}")
+        return pinned
+    order = _DEFAULT_ORDER.get(device.type, ("reference",))
+    for name in order:
+        reason = why_unusable(name, device.type)
+        if reason is None:
+            return name
+        if (name, device.type) not in _warned:
+            _warned.add((name, device.type))
+            warnings.warn(f"genfast: backend {name!r} unavailable ({reason}); falling back", stacklevel=3)
+    return "reference"
+
+
+def available_backends() -> list[str]:
+    """Backends usable right now on some device of this machine."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [b for b in BACKENDS if any(why_unusable(b, d) is None for d in devices)]
+
+
+def kernel(family: str, step: str, device: torch.device):
+    """The `step` ("forward"/"backward") function of op `family` on the selected backend.
+
+    Every backend names it the same way: ``genfast.reference.<family>_<step>``,
+    ``genfast.triton.<family>.<family>_<step>``, ``genfast._C.<family>_<step>_<cpu|cuda>``.
+    """
+    name = select(device)
+    if name == "reference":
+        from genfast import reference
+
+        return getattr(reference, f"{family}_{step}")
+    if name == "triton":
+        module = importlib.import_module(f"genfast.triton.{family}")
+        return getattr(module, f"{family}_{step}")
+    return getattr(_extension._C, f"{family}_{step}_{name}")

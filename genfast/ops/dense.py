@@ -1,0 +1,108 @@
+"""genfast::fused_dense: y = act(x @ weight^T + bias), one custom op forward and one backward.
+
+Backward saves the least it can (activations.py says what): a bit mask for relu/leaky_relu, y for
+sigmoid/tanh, z for gelu/gelu_tanh/silu, nothing for none; plus x and weight for the GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from genfast import backend
+from genfast.activations import ACTIVATIONS, get_activation
+from genfast.ops._checks import check_same, check_shape, check_tensor
+from genfast.reference import mask_row_bytes
+
+_SAVES = {a.code: a.saves for a in ACTIVATIONS.values()}
+
+
+@torch.library.custom_op("genfast::fused_dense", mutates_args=())
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: int, slope: float) -> tuple[Tensor, Tensor]:
+    forward = backend.kernel("dense", "forward", x.device)
+    return tuple(forward(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                         act, slope))
+
+
+@_forward.register_fake
+def _(x, weight, bias, act, slope):
+    m, n = x.shape[0], weight.shape[0]
+    saves = _SAVES[act]
+    if saves == "mask":
+        aux = x.new_empty((m, mask_row_bytes(n)), dtype=torch.uint8)
+    elif saves == "preact":
+        aux = x.new_empty((m, n))
+    else:
+        aux = x.new_empty(0)
+    return x.new_empty((m, n)), aux
+
+
+@torch.library.custom_op("genfast::fused_dense_backward", mutates_args=())
+def _backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act: int, slope: float,
+              need_x: bool, need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    backward = backend.kernel("dense", "backward", x.device)
+    return tuple(backward(grad_y.contiguous(), x.contiguous(), weight.contiguous(), saved.contiguous(),
+                          act, slope, need_x, need_w, need_b))
+
+
+@_backward.register_fake
+def _(grad_y, x, weight, saved, act, slope, need_x, need_w, need_b):
+    empty = x.new_empty(0)
+    return (x.new_empty(x.shape) if need_x else empty, weight.new_empty(weight.shape) if need_w else empty,
+            weight.new_empty(weight.shape[0]) if need_b else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, act, slope = inputs
+    y, aux = output
+    saves = _SAVES[act]
+    saved = y if saves == "output" else aux
+    ctx.save_for_backward(x, weight, saved)
+    ctx.act, ctx.slope, ctx.has_bias = act, slope, bias is not None
+
+
+def _backward_rule(ctx, grad_y, _grad_aux):
+    x, weight, saved = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x, grad_w, grad_b = _backward(grad_y, x, weight, saved, ctx.act, ctx.slope,
+                                       need_x, need_w, need_b and ctx.has_bias)
+    return (grad_x if need_x else None, grad_w if need_w else None,
+            grad_b if need_b and ctx.has_bias else None, None, None)
+
+
+_forward.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "relu",
+                negative_slope: float = 0.01) -> Tensor:
+    """y = act(x @ weight^T + bias) in one fused op, forward and backward.
+
+    Args:
+        x: (..., in_features), float16/bfloat16/float32/float64.
+        weight: (out_features, in_features), same dtype and device as x.
+        bias: (out_features,) or None.
+        activation: "relu", "leaky_relu", "gelu" (erf), "gelu_tanh", "silu", "sigmoid", "tanh",
+            "none" or None.
+        negative_slope: slope of leaky_relu for negative inputs.
+    Returns:
+        (..., out_features) in x's dtype (the autocast dtype under autocast).
+    """
+    act = get_activation(activation)
+    check_tensor("x", x)
+    check_tensor("weight", weight)
+    if bias is not None:
+        check_tensor("bias", bias)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected 2 dimensions (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected shape (..., {weight.shape[1]}) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(x.shape)}")
+    if bias is not None:
+        check_shape("bias", bias, (weight.shape[0],))
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    check_same(("x", "weight", "bias"), (x, weight, bias))
+    y, _ = _forward(x.reshape(-1, x.shape[-1]), weight, bias, act.code, float(negative_slope))
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,92 @@
+"""Builds genfast and its extension genfast._C from csrc/.
+
+Build switches (environment variables; each one set is printed during the build):
+  GENFAST_CUDA=0|1        force the CPU-only or the CUDA build. Default: CUDA when this PyTorch is a
+                          CUDA build and a CUDA toolkit is found (no GPU needed to build).
+  TORCH_CUDA_ARCH_LIST    CUDA architectures to compile for. Default: "8.0;9.0" (sm_80, sm_90).
+  CUDA_HOME               the CUDA toolkit. Default: /usr/local/cuda when it exists, else PyTorch's guess.
+  MAX_JOBS                parallel compile jobs (ninja).
+  GENFAST_DEBUG=1         compile with -O0 -g instead of -O3.
+Build with `pip install --no-build-isolation .`: PyTorch is a build dependency and must be the very
+PyTorch that will import the extension.
+"""
+
+import glob
+import os
+import sys
+import sysconfig
+
+from setuptools import find_packages, setup
+
+VERSION = "0.1.0"
+SWITCHES = ("GENFAST_CUDA", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "MAX_JOBS", "GENFAST_DEBUG")
+
+for name in SWITCHES:
+    if name in os.environ:
+        print(f"genfast build: {name}={os.environ[name]}", file=sys.stderr)
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension reads it)
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("GENFAST_CUDA")
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise SystemExit(f"GENFAST_CUDA must be 0 or 1, got {forced!r}")
+        if forced == "1" and (torch.version.cuda is None or CUDA_HOME is None):
+            raise SystemExit("GENFAST_CUDA=1 but this PyTorch has no CUDA or no CUDA toolkit was found")
+        return forced == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def pip_cuda_dirs(sub: str) -> list[str]:
+    """Headers/libraries of the pip CUDA packages (the system toolkit may lack some, e.g. cusparse.h)."""
+    site = sysconfig.get_paths()["purelib"]
+    return [d for d in glob.glob(os.path.join(site, "nvidia", "cu*", sub)) if os.path.isdir(d)]
+
+
+def extension():
+    cuda = want_cuda()
+    debug = os.environ.get("GENFAST_DEBUG") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sources = ["csrc/genfast.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
+    macros = [("GENFAST_TORCH_VERSION", f'"{torch.__version__}"')]
+    args = {"cxx": list(opt)}  # the -std flag is PyTorch's choice (C++17 or C++20 by version)
+    if not cuda:
+        print("genfast build: CPU-only extension", file=sys.stderr)
+        return CppExtension("genfast._C", sources, include_dirs=[os.path.abspath("csrc")],
+                            define_macros=macros, extra_compile_args=args)
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    print(f"genfast build: CUDA {torch.version.cuda} extension for {archs} ({CUDA_HOME})", file=sys.stderr)
+    macros += [("GENFAST_WITH_CUDA", None), ("GENFAST_CUDA_ARCHS", f'"{archs}"')]
+    args["cxx"].append("-DGENFAST_WITH_CUDA")
+    args["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+    cccl = os.path.join(CUDA_HOME, "include", "cccl")
+    include_dirs = [os.path.abspath("csrc")] + ([cccl] if os.path.isdir(cccl) else []) + pip_cuda_dirs("include")
+    library_dirs = pip_cuda_dirs("lib")
+    # The pip wheel ships only libcublasLt.so.13 (no unversioned link); PyTorch loads it first.
+    cublaslt = [f"-l:{os.path.basename(p)}" for d in library_dirs
+                for p in sorted(glob.glob(os.path.join(d, "libcublasLt.so.*")))[:1]] or ["-lcublasLt"]
+    return CUDAExtension("genfast._C", sources + sorted(glob.glob("csrc/*/*_cuda.cu")),
+                         include_dirs=include_dirs, library_dirs=library_dirs, define_macros=macros,
+                         extra_compile_args=args, extra_link_args=cublaslt)
+
+
+def local_version() -> str:
+    """Wheels name the PyTorch and CUDA they were built for: 0.1.0+torch2.14.cu130 (or .cpu)."""
+    torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    cuda = f"cu{torch.version.cuda.replace('.', '')}" if want_cuda() else "cpu"
+    return f"{VERSION}+torch{torch_mm}.{cuda}"
+
+
+setup(
+    name="genfast",
+    version=local_version(),
+    packages=find_packages(include=["genfast", "genfast.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

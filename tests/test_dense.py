@@ -1,0 +1,162 @@
+"""fused_dense on every backend against the float64 reference, forward and all three gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import genfast
+from genfast import reference
+from genfast.activations import ACTIVATIONS
+from tests.conftest import require_backend
+from tests.tolerance import assert_within_rule
+
+ACTS = sorted(ACTIVATIONS)
+SLOPE = 0.2
+# (batch, in_features, out_features): each of 1, 7, 100, 784 and 1000+ appears in every role.
+CPU_SHAPES = [(1, 1, 1), (7, 100, 7), (100, 784, 1000), (1031, 7, 100), (784, 1000, 784), (1000, 1, 1031)]
+# The Triton interpreter is slow: small shapes, with 130 outputs to cross the 128-bit mask row.
+TRITON_SHAPES = [(1, 1, 1), (7, 100, 7), (100, 7, 130)]
+GPU_SHAPES = CPU_SHAPES + [(4096, 1024, 784)]
+
+
+def make_inputs(batch, n_in, n_out, dtype, device, bias=True, leading=()):
+    x = torch.randn(*leading, batch, n_in, dtype=torch.float64, device=device)
+    w = torch.randn(n_out, n_in, dtype=torch.float64, device=device) / math.sqrt(n_in)
+    b = torch.randn(n_out, dtype=torch.float64, device=device) if bias else None
+    return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+
+
+def check_against_reference(backend, x, w, b, act, grad_seed_shape=None):
+    """Forward and gradients of genfast (on `backend`) and of eager PyTorch at x's dtype, vs float64."""
+    def leaves(dtype):
+        return [None if t is None else t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
+
+    grad = torch.randn(*x.shape[:-1], w.shape[0], dtype=torch.float64, device=x.device)
+    results = {}
+    for name, dtype in (("genfast", x.dtype), ("eager", x.dtype), ("reference", torch.float64)):
+        inputs = leaves(dtype)
+        if name == "genfast":
+            with genfast.use_backend(backend):
+                y = genfast.fused_dense(*inputs, activation=act, negative_slope=SLOPE)
+        else:
+            y = reference.fused_dense(*inputs, activation=act, negative_slope=SLOPE)
+        y.backward(grad.to(dtype))
+        results[name] = [y] + [None if t is None else t.grad for t in inputs]
+    for label, ours, eager, ref in zip(("y", "grad_x", "grad_weight", "grad_bias"), *results.values()):
+        if ref is not None:
+            assert_within_rule(f"{backend} {act} {x.dtype} {label}", ours, eager, ref)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", CPU_SHAPES)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_cpu_backends_match_reference(backend, shape, dtype, act):
+    require_backend(backend, "cpu")
+    bias = shape[0] != 7  # a shape without bias, every activation and dtype
+    check_against_reference(backend, *make_inputs(*shape, dtype, "cpu", bias=bias), act)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+def test_triton_interpreted_matches_reference(shape, act):
+    require_backend("triton", "cpu")
+    check_against_reference("triton", *make_inputs(*shape, torch.float32, "cpu", bias=shape[0] != 7), act)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("act", ["relu", "gelu", "sigmoid"])
+def test_three_dimensional_and_non_contiguous_input(backend, act):
+    require_backend(backend, "cpu")
+    x, w, b = make_inputs(7, 100, 13, torch.float32, "cpu", leading=(3,))
+    check_against_reference(backend, x, w, b, act)
+    wide = torch.randn(3, 200, 7, dtype=torch.float32)
+    strided = wide[:, ::2, :].transpose(1, 2)  # (3, 7, 100), neither row- nor column-contiguous
+    assert not strided.is_contiguous()
+    check_against_reference(backend, strided, w, b, act)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("act", ACTS)
+def test_saved_tensors_are_the_minimal_ones(backend, act):
+    """Mask bits for relu/leaky_relu, z for gelu/gelu_tanh/silu, nothing extra otherwise."""
+    require_backend(backend, "cpu")
+    x, w, b = make_inputs(7, 100, 130, torch.float32, "cpu")
+    code = ACTIVATIONS[act].code
+    with genfast.use_backend(backend):
+        y, aux = torch.ops.genfast.fused_dense(x, w, b, code, SLOPE)
+    z = F.linear(x.double(), w.double(), b.double())
+    saves = ACTIVATIONS[act].saves
+    if saves == "mask":
+        assert aux.dtype == torch.uint8 and aux.shape == (7, 32)
+        # Bits may differ only where z is within float rounding of 0.
+        differ = reference.unpack_mask(aux, 130) != (z > 0)
+        assert (z.abs()[differ] < 1e-5).all()
+        assert torch.equal(aux, reference.pack_mask(reference.unpack_mask(aux, 130))), "padding bits must be 0"
+    elif saves == "preact":
+        assert aux.shape == (7, 130) and aux.dtype == x.dtype
+        torch.testing.assert_close(aux.double(), z, rtol=0, atol=1e-5)
+    else:
+        assert aux.numel() == 0
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_gradcheck_float64(act):
+    require_backend("cpu", "cpu")
+    x, w, b = make_inputs(5, 9, 11, torch.float64, "cpu")
+    inputs = tuple(t.requires_grad_() for t in (x, w, b))
+    with genfast.use_backend("cpu"):
+        assert torch.autograd.gradcheck(
+            lambda *t: genfast.fused_dense(*t, activation=act, negative_slope=SLOPE), inputs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("act", ["relu", "gelu", "tanh", "none"])
+def test_opcheck(backend, act):
+    require_backend(backend, "cpu")
+    x, w, b = make_inputs(7, 10, 12, torch.float32, "cpu")
+    args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), ACTIVATIONS[act].code, SLOPE)
+    with genfast.use_backend(backend):
+        torch.library.opcheck(torch.ops.genfast.fused_dense.default, args)
+        torch.library.opcheck(torch.ops.genfast.fused_dense.default, (x, w, None, ACTIVATIONS[act].code, SLOPE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_backends_match_reference(backend, shape, act, dtype):
+    require_backend(backend, "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_against_reference(backend, *make_inputs(*shape, dtype, "cuda", bias=shape[0] != 7), act)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("act", ACTS)
+def test_gpu_saved_tensors_match_the_cpu_layout(backend, act):
+    require_backend(backend, "cuda")
+    x, w, b = make_inputs(33, 100, 130, torch.float32, "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with genfast.use_backend(backend):
+        _, aux = torch.ops.genfast.fused_dense(x, w, b, ACTIVATIONS[act].code, SLOPE)
+    _, expected = reference.dense_forward(x.double(), w.double(), b.double(), ACTIVATIONS[act].code, SLOPE)
+    assert aux.shape == expected.shape
+    if aux.dtype == torch.uint8:
+        z = F.linear(x.double(), w.double(), b.double())
+        differ = reference.unpack_mask(aux, 130) != reference.unpack_mask(expected, 130)
+        assert (z.abs()[differ] < 1e-5).all()
+    elif aux.numel():
+        torch.testing.assert_close(aux.double(), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_non_contiguous_and_3d():
+    require_backend("cuda", "cuda")
+    x, w, b = make_inputs(7, 100, 13, torch.bfloat16, "cuda", leading=(3,))
+    check_against_reference("cuda", x.transpose(0, 1), w, b, "gelu")

@@ -1,0 +1,94 @@
+"""Bad input to fused_dense gets a clear exception (or, for an empty batch, an empty result)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import genfast
+from genfast import reference
+from tests.conftest import require_backend
+
+BACKENDS = ["reference", "cpu", "triton"]
+
+
+def inputs(batch=4, n_in=6, n_out=5, dtype=torch.float32):
+    return torch.randn(batch, n_in, dtype=dtype), torch.randn(n_out, n_in, dtype=dtype), torch.randn(n_out, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (lambda x, w, b: (x.int(), w, b), TypeError, "x: expected dtype"),
+        (lambda x, w, b: (x, w.double(), b), TypeError, "weight has dtype torch.float64 but x"),
+        (lambda x, w, b: (x, w, b.half()), TypeError, "bias has dtype"),
+        (lambda x, w, b: (x, w.to("meta"), b), ValueError, "weight is on meta but x is on cpu"),
+        (lambda x, w, b: (x[:, :5], w, b), ValueError, "x: expected shape (..., 6)"),
+        (lambda x, w, b: (x, w[None], b), ValueError, "weight: expected 2 dimensions"),
+        (lambda x, w, b: (x, w, b[:3]), ValueError, "bias: expected shape (5,)"),
+        (lambda x, w, b: (x.numpy(), w, b), TypeError, "x: expected a torch.Tensor, got ndarray"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(change, error, words):
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        genfast.fused_dense(*change(*inputs()), activation="relu")
+
+
+def test_unknown_activation():
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        genfast.fused_dense(*inputs(), activation="swish")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_gives_an_empty_result_and_zero_gradients(backend):
+    require_backend(backend, "cpu")
+    x, w, b = (t.requires_grad_() for t in inputs(batch=0))
+    with genfast.use_backend(backend):
+        y = genfast.fused_dense(x, w, b, activation="gelu")
+        assert y.shape == (0, 5)
+        y.sum().backward()
+    assert x.grad.shape == (0, 6)
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["relu", "gelu", "sigmoid", "leaky_relu"])
+def test_nan_and_inf_propagate_like_eager(backend, act):
+    require_backend(backend, "cpu")
+    x, w, b = inputs()
+    x[1, 2] = float("nan")
+    x[2, 3] = float("inf")
+    with genfast.use_backend(backend):
+        y = genfast.fused_dense(x, w, b, activation=act)
+    expected = reference.fused_dense(x, w, b, activation=act)
+    assert y[1].isnan().all(), "a NaN input must give NaN outputs in its row"
+    # An inf input gives non-finite outputs in its row (inf, or NaN where inf - inf or 0 * inf occurs).
+    assert torch.equal(y.isfinite(), expected.isfinite())
+    finite = expected.isfinite()
+    torch.testing.assert_close(y[finite], expected[finite])
+
+
+def test_pinning_an_unusable_backend_raises(monkeypatch):
+    x, w, b = inputs()
+    with genfast.use_backend("cuda"), pytest.raises(RuntimeError, match="'cuda' was pinned but cannot run"):
+        genfast.fused_dense(x, w, b)
+    with pytest.raises(ValueError, match="unknown backend"):
+        with genfast.use_backend("tpu"):
+            pass
+    monkeypatch.setenv("GENFAST_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="pinned but cannot run"):
+        genfast.fused_dense(x, w, b)
+
+
+def test_environment_variable_pins_the_backend(monkeypatch):
+    x, w, b = inputs()
+    monkeypatch.setenv("GENFAST_BACKEND", "reference")
+    from genfast.backend import select
+
+    assert select(x.device) == "reference"
+    monkeypatch.delenv("GENFAST_BACKEND")
+    require_backend("cpu", "cpu")
+    assert select(x.device) == "cpu"
+    assert os.environ.get("GENFAST_BACKEND") is None
