@@ -1,0 +1,49 @@
+# Every target sets itself up on a fresh machine, idempotently: a .venv with PyTorch and the
+# dependencies, the extension built (CUDA kernels whenever a CUDA toolkit and a CUDA PyTorch are
+# present), then the work. On a machine whose python3 already has a CUDA PyTorch (the GPU machine,
+# no network) the .venv reuses it instead of installing one.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.14.1
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+
+.PHONY: test bench wheel cmake-check clean
+
+test: $(VENV)/.built
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.built
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+wheel: $(VENV)/.deps
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+# CMake build of the same sources (CPU variant), so the CMake project cannot rot.
+cmake-check: $(VENV)/.deps
+	cmake -S . -B build/cmake -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) -DGENFAST_CUDA=OFF
+	cmake --build build/cmake
+	$(PY) -c "import importlib.util as u, torch; s = u.spec_from_file_location('genfast._C', 'build/cmake/genfast/_C.so'); \
+	  m = u.module_from_spec(s); s.loader.exec_module(m); print('CMake build loads:', m.build_info())"
+
+$(VENV)/.deps: Makefile pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+	    echo "reusing the CUDA PyTorch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
+	$(PY) -c "import pytest, numpy, setuptools, wheel" 2>/dev/null || $(PY) -m pip install pytest numpy wheel "setuptools>=64"
+	@# Optional (faster builds, Triton, plots, progress bars, statistics): a machine without network goes on without.
+	$(PY) -c "import ninja, scipy, matplotlib, tqdm, triton" 2>/dev/null || \
+	  $(PY) -m pip install ninja scipy matplotlib tqdm triton || echo "warning: optional packages missing"
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build dist *.egg-info genfast/*.so $(VENV)/.built

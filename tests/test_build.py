@@ -1,0 +1,43 @@
+"""How genfast was built, and that every backend shares the one activation table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import genfast
+from genfast import _extension
+from genfast.activations import ACTIVATIONS
+
+
+def test_build_info_reports_what_was_built():
+    info = genfast.build_info()
+    for key in ("version", "torch", "cuda", "cuda_archs", "triton", "backends"):
+        assert key in info
+    assert info["torch"] == torch.__version__
+    assert "reference" in info["backends"]
+    assert info["cuda"] == _extension.has_cuda_kernels()
+    if info["cuda"]:
+        assert info["cuda_archs"], "a CUDA build names its architectures"
+
+
+@pytest.mark.skipif(_extension._C is None, reason="genfast._C is not built")
+def test_cpp_activation_codes_are_the_python_table():
+    assert _extension._C.activation_codes() == {name: a.code for name, a in ACTIVATIONS.items()}
+
+
+@pytest.mark.skipif(_extension._C is None, reason="genfast._C is not built")
+def test_extension_was_built_for_this_torch():
+    assert _extension._C.build_info()["torch"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+def test_cuda_kernels_are_compiled_when_a_toolkit_and_cuda_torch_are_present():
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None or CUDA_HOME is None:
+        pytest.skip("no CUDA toolkit or no CUDA PyTorch: a CPU-only build is expected")
+    import os
+
+    if os.environ.get("GENFAST_CUDA") == "0":
+        pytest.skip("GENFAST_CUDA=0 forced a CPU-only build")
+    assert genfast.build_info()["cuda"], "CUDA toolkit and CUDA PyTorch present, but no CUDA kernels were built"
