@@ -13,6 +13,7 @@ PyTorch that will import the extension.
 
 import glob
 import os
+import platform
 import sys
 import sysconfig
 
@@ -43,6 +44,13 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def cpu_vector_flags() -> list[str]:
+    """x86-64: the CPU kernels use ATen's AVX2 vectors (genfast refuses to load _C on a CPU without)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
 def pip_cuda_dirs(sub: str) -> list[str]:
     """Headers/libraries of the pip CUDA packages (the system toolkit may lack some, e.g. cusparse.h)."""
     site = sysconfig.get_paths()["purelib"]
@@ -55,7 +63,7 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = ["csrc/genfast.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
     macros = [("GENFAST_TORCH_VERSION", f'"{torch.__version__}"')]
-    args = {"cxx": list(opt)}  # the -std flag is PyTorch's choice (C++17 or C++20 by version)
+    args = {"cxx": opt + cpu_vector_flags()}  # the -std flag is PyTorch's choice (C++17 or C++20)
     if not cuda:
         print("genfast build: CPU-only extension", file=sys.stderr)
         return CppExtension("genfast._C", sources, include_dirs=[os.path.abspath("csrc")],

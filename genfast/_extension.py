@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
-try:
-    from genfast import _C
-except ImportError as error:  # a pure-Python checkout: only the reference and Triton backends
+IMPORT_ERROR: str | None = None
+if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    # _C is compiled for AVX2 on x86-64: loading it here would die on an illegal instruction.
     _C = None
-    IMPORT_ERROR: str | None = str(error)
+    IMPORT_ERROR = f"this CPU lacks AVX2 ({torch.backends.cpu.get_cpu_capability()}), which genfast._C needs"
 else:
-    IMPORT_ERROR = None
+    try:
+        from genfast import _C
+    except ImportError as error:  # a pure-Python checkout: only the reference and Triton backends
+        _C = None
+        IMPORT_ERROR = str(error)
 
 
 def _major_minor(version: str) -> str:

@@ -28,7 +28,7 @@ constexpr int kNumActivations = 8;
 // What backward needs, by activation (same as Activation.saves in Python).
 enum class Saves : int { None = 0, Mask = 1, Output = 2, Preact = 3 };
 
-GENFAST_HD Saves saves_of(Act a) {
+GENFAST_HD constexpr Saves saves_of(Act a) {
   switch (a) {
     case Act::Relu:
     case Act::LeakyRelu: return Saves::Mask;
@@ -88,6 +88,6 @@ GENFAST_HD T act_derivative(Act a, T s, T slope) {
 
 // Bytes per row of the packed relu mask: one bit per output feature, rows padded to 128 bits
 // (the layout cuBLASLt's RELU_AUX epilogues use), bit j of a row in byte j / 8, bit j % 8.
-GENFAST_HD long long mask_row_bytes(long long n) { return (n + 127) / 128 * 16; }
+GENFAST_HD constexpr long long mask_row_bytes(long long n) { return (n + 127) / 128 * 16; }
 
 }  // namespace genfast

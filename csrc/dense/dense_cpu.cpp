@@ -1,7 +1,8 @@
 // CPU backend of the fused dense layer (contract and math in dense.h).
-// The GEMM goes through ATen (MKL/oneDNN); bias + activation (+ mask or z) is one pass over the
-// GEMM's output, in place, row block by row block while it is hot in cache. Backward computes
-// dz = grad_y * act'(saved) and the bias gradient in one pass, then the two GEMMs through ATen.
+// The GEMM goes through ATen (MKL/oneDNN). The epilogue, bias + activation (+ mask bits or z), is
+// one vectorized pass over the GEMM's output, in place, row by row while it is hot in cache.
+// Backward computes dz = grad_y * act'(saved) and the bias gradient in one pass, then the two GEMMs
+// through ATen. Rows are summed in fixed blocks, so the bias gradient never depends on the threads.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -18,139 +19,222 @@ namespace genfast {
 namespace {
 
 using at::vec::Vectorized;
-constexpr int64_t kChunk = 512;     // columns converted to the math type at a time (multiple of 128)
-constexpr int64_t kRowBlock = 64;   // rows per task in backward: fixed, so sums never depend on threads
+constexpr int64_t kChunk = 512;    // half/bf16 columns converted to float at a time (multiple of 8)
+constexpr int64_t kRowBlock = 64;  // rows per bias-gradient partial sum: fixed, never the thread count
 
-// Vectorized forms of act_forward / act_derivative (activations.h has the scalar math; Mask
-// activations never come here in backward, their derivative is read from the bits).
-template <typename V>
-V vec_forward(Act a, V z, V slope) {
+template <Act A>
+using ActTag = std::integral_constant<Act, A>;
+
+// Calls f(ActTag<a>{}) so that every activation gets its own inlined loop.
+template <typename F>
+void dispatch_act(Act a, F&& f) {
+  switch (a) {
+    case Act::Relu: return f(ActTag<Act::Relu>{});
+    case Act::LeakyRelu: return f(ActTag<Act::LeakyRelu>{});
+    case Act::Gelu: return f(ActTag<Act::Gelu>{});
+    case Act::GeluTanh: return f(ActTag<Act::GeluTanh>{});
+    case Act::Silu: return f(ActTag<Act::Silu>{});
+    case Act::Sigmoid: return f(ActTag<Act::Sigmoid>{});
+    case Act::Tanh: return f(ActTag<Act::Tanh>{});
+    default: return f(ActTag<Act::None>{});
+  }
+}
+
+// Vectorized act_forward / act_derivative (activations.h holds the scalar definitions).
+template <Act A, typename V>
+V vec_forward(V z, V slope) {
   const V zero(0), one(1), half(0.5);
-  switch (a) {
-    case Act::Relu: return at::vec::clamp_min(z, zero);
-    case Act::LeakyRelu: return V::blendv(z * slope, z, z > zero);
-    case Act::Gelu: return half * z * (one + (z * V(M_SQRT1_2)).erf());
-    case Act::GeluTanh:
-      return half * z * (one + (V(0.79788456080286535588) * (z + V(0.044715) * z * z * z)).tanh());
-    case Act::Silu: return z / (one + z.neg().exp());
-    case Act::Sigmoid: return one / (one + z.neg().exp());
-    case Act::Tanh: return z.tanh();
-    default: return z;
-  }
+  if constexpr (A == Act::Relu) return at::vec::clamp_min(z, zero);
+  else if constexpr (A == Act::LeakyRelu) return V::blendv(z * slope, z, z > zero);
+  else if constexpr (A == Act::Gelu) return half * z * (one + (z * V(M_SQRT1_2)).erf());
+  else if constexpr (A == Act::GeluTanh)
+    return half * z * (one + (V(0.79788456080286535588) * (z + V(0.044715) * z * z * z)).tanh());
+  else if constexpr (A == Act::Silu) return z / (one + z.neg().exp());
+  else if constexpr (A == Act::Sigmoid) return one / (one + z.neg().exp());
+  else if constexpr (A == Act::Tanh) return z.tanh();
+  else return z;
 }
 
-template <typename V>
-V vec_derivative(Act a, V s) {
+template <Act A, typename V>
+V vec_derivative(V s) {  // s is z (Preact) or y (Output)
   const V one(1), half(0.5);
-  switch (a) {
-    case Act::Gelu:
-      return half * (one + (s * V(M_SQRT1_2)).erf()) +
-             s * (half.neg() * s * s).exp() * V(0.39894228040143267794);
-    case Act::GeluTanh: {
-      const V k(0.79788456080286535588), c(0.044715);
-      const V t = (k * (s + c * s * s * s)).tanh();
-      return half * (one + t) + half * s * (one - t * t) * k * (one + V(3) * c * s * s);
-    }
-    case Act::Silu: {
-      const V sig = one / (one + s.neg().exp());
-      return sig * (one + s * (one - sig));
-    }
-    case Act::Sigmoid: return s * (one - s);
-    case Act::Tanh: return one - s * s;
-    default: return one;
+  if constexpr (A == Act::Gelu) {
+    return half * (one + (s * V(M_SQRT1_2)).erf()) + s * (half.neg() * s * s).exp() * V(0.39894228040143267794);
+  } else if constexpr (A == Act::GeluTanh) {
+    const V k(0.79788456080286535588), c(0.044715);
+    const V t = (k * (s + c * s * s * s)).tanh();
+    return half * (one + t) + half * s * (one - t * t) * k * (one + V(3) * c * s * s);
+  } else if constexpr (A == Act::Silu) {
+    const V sig = one / (one + s.neg().exp());
+    return sig * (one + s * (one - sig));
+  } else if constexpr (A == Act::Sigmoid) {
+    return s * (one - s);
+  } else if constexpr (A == Act::Tanh) {
+    return one - s * s;
+  } else {
+    return one;
   }
 }
 
-// Applies f to buf[0, n) in vectors, the tail through a zero-padded vector.
-template <typename acc_t, typename F>
-void vec_apply(acc_t* buf, int64_t n, F f) {
+// Bit t of the result is set where lane t of z is > 0 (NaN is not).
+template <typename acc_t>
+uint32_t positive_bits(const Vectorized<acc_t>& z) {
+  acc_t lanes[Vectorized<acc_t>::size()];
+  z.store(lanes);
+  uint32_t bits = 0;
+  for (int t = 0; t < Vectorized<acc_t>::size(); ++t) bits |= uint32_t(lanes[t] > acc_t(0)) << t;
+  return bits;
+}
+
+// Lane t is 1 where bit (first + t) of the mask row is set, `otherwise` elsewhere.
+template <typename acc_t>
+Vectorized<acc_t> mask_factor(const uint8_t* row, int64_t first, acc_t otherwise) {
+  acc_t lanes[Vectorized<acc_t>::size()];
+  for (int t = 0; t < Vectorized<acc_t>::size(); ++t) {
+    const int64_t j = first + t;
+    lanes[t] = (row[j / 8] >> (j % 8)) & 1 ? acc_t(1) : otherwise;
+  }
+  return Vectorized<acc_t>::loadu(lanes);
+}
+
+#ifdef CPU_CAPABILITY_AVX2
+template <>
+uint32_t positive_bits<float>(const Vectorized<float>& z) {
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(__m256(z), _mm256_setzero_ps(), _CMP_GT_OQ)));
+}
+
+template <>
+Vectorized<float> mask_factor<float>(const uint8_t* row, int64_t first, float otherwise) {
+  // first is a multiple of 8 here (8 lanes): the lanes are exactly the bits of one byte.
+  const __m256i select = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(row[first / 8]), select), select);
+  return _mm256_blendv_ps(_mm256_set1_ps(otherwise), _mm256_set1_ps(1.f), _mm256_castsi256_ps(set));
+}
+#endif
+
+// One row of the forward epilogue in the math type: z = in + bias; z_out = z (if given);
+// mask bits of z > 0 (if given; the row's bytes, padding included, are all written); y = act(z).
+template <Act A, typename acc_t>
+void forward_row(const acc_t* in, const acc_t* bias, acc_t* z_out, uint8_t* mask, int64_t mask_bytes,
+                 acc_t* y, int64_t n, acc_t slope) {
   using V = Vectorized<acc_t>;
-  int64_t j = 0;
-  for (; j + V::size() <= n; j += V::size()) f(V::loadu(buf + j)).store(buf + j);
-  if (j < n) f(V::loadu(buf + j, n - j)).store(buf + j, n - j);
+  static_assert(8 % V::size() == 0 || V::size() % 8 == 0, "mask bytes must align with vectors");
+  const V vslope(slope);
+  uint64_t pending = 0;  // mask bits not yet written (fewer than 8 when V::size() < 8)
+  int pending_count = 0;
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t len = std::min<int64_t>(V::size(), n - j);
+    V z = V::loadu(in + j, len);
+    if (bias) z = z + V::loadu(bias + j, len);
+    if (z_out) z.store(z_out + j, len);
+    if (mask) {
+      pending |= uint64_t(positive_bits(z) & ((1u << len) - 1)) << pending_count;  // tail lanes: 0
+      pending_count += V::size();
+      for (; pending_count >= 8; pending_count -= 8, pending >>= 8) *mask++ = uint8_t(pending), --mask_bytes;
+    }
+    vec_forward<A>(z, vslope).store(y + j, len);
+  }
+  if (mask) {
+    if (pending_count > 0) *mask++ = uint8_t(pending), --mask_bytes;
+    std::fill(mask, mask + mask_bytes, uint8_t(0));  // padding is part of the layout: zero it
+  }
+}
+
+// One row of the backward epilogue in the math type: dz = g * act'(saved) (mask bits or s),
+// written to dz (if given) and added to the bias-gradient partial sums (if given).
+template <Act A, typename acc_t>
+void backward_row(const acc_t* g, const acc_t* s, const uint8_t* mask, acc_t* dz, acc_t* partial, int64_t n,
+                  acc_t slope) {
+  using V = Vectorized<acc_t>;
+  const acc_t masked = A == Act::LeakyRelu ? slope : acc_t(0);
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t len = std::min<int64_t>(V::size(), n - j);
+    V d = V::loadu(g + j, len);
+    if constexpr (saves_of(A) == Saves::Mask) d = d * mask_factor<acc_t>(mask, j, masked);
+    if constexpr (saves_of(A) == Saves::Preact || saves_of(A) == Saves::Output)
+      d = d * vec_derivative<A>(V::loadu(s + j, len));
+    if (dz) d.store(dz + j, len);
+    if (partial) (V::loadu(partial + j, len) + d).store(partial + j, len);
+  }
 }
 
 template <typename scalar_t>
-void forward_epilogue(at::Tensor& z, at::Tensor& y, at::Tensor& aux, const at::Tensor& bias,
-                      Act act, double slope) {
+void forward_epilogue(at::Tensor& z, at::Tensor& y, at::Tensor& aux, const at::Tensor& bias, Act act,
+                      double slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t m = z.size(0), n = z.size(1), row_bytes = mask_row_bytes(n);
   const Saves saves = saves_of(act);
-  std::vector<acc_t> bias_acc(n, acc_t(0));
-  if (bias.defined()) at::vec::convert(bias.data_ptr<scalar_t>(), bias_acc.data(), n);
   scalar_t* zp = z.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   uint8_t* mask = saves == Saves::Mask ? aux.data_ptr<uint8_t>() : nullptr;
-  const Vectorized<acc_t> vslope(static_cast<acc_t>(slope));
-  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
-    acc_t buf[kChunk];
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-        const int64_t len = std::min(kChunk, n - j0);
-        at::vec::convert(zp + i * n + j0, buf, len);
-        if (bias.defined()) {
-          for (int64_t k = 0; k < len; ++k) buf[k] += bias_acc[j0 + k];
-        }
-        if (saves == Saves::Preact) at::vec::convert(buf, zp + i * n + j0, len);
-        if (mask) {
-          uint8_t* row = mask + i * row_bytes + j0 / 8;
-          for (int64_t k = 0; k < len; k += 8) {
-            uint8_t byte = 0;
-            for (int64_t t = 0; t < 8 && k + t < len; ++t) byte |= uint8_t(buf[k + t] > acc_t(0)) << t;
-            row[k / 8] = byte;
+  const acc_t s = static_cast<acc_t>(slope);
+  dispatch_act(act, [&](auto tag) {
+    constexpr Act A = decltype(tag)::value;
+    at::parallel_for(0, m, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* zr = zp + i * n;
+        uint8_t* mr = mask ? mask + i * row_bytes : nullptr;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          const acc_t* b = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+          forward_row<A>(zr, b, saves == Saves::Preact ? zr : nullptr, mr, row_bytes, yp + i * n, n, s);
+        } else {  // half/bfloat16: bias is already in z (see dense_forward_cpu); convert chunk by chunk
+          acc_t buf[kChunk];
+          for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+            const int64_t len = std::min(kChunk, n - j0);
+            at::vec::convert(zr + j0, buf, len);
+            const int64_t bytes = j0 + len < n ? len / 8 : row_bytes - j0 / 8;
+            forward_row<A>(buf, static_cast<const acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
+                           mr ? mr + j0 / 8 : nullptr, bytes, buf, len, s);
+            at::vec::convert(buf, yp + i * n + j0, len);
           }
         }
-        if (act != Act::None) vec_apply(buf, len, [&](auto v) { return vec_forward(act, v, vslope); });
-        at::vec::convert(buf, yp + i * n + j0, len);
       }
-      if (mask) {  // padding bytes are part of the layout: zero, never stale memory
-        const int64_t used = (n + 7) / 8;
-        std::fill(mask + i * row_bytes + used, mask + (i + 1) * row_bytes, uint8_t(0));
-      }
-    }
+    });
   });
 }
 
 template <typename scalar_t>
-void backward_epilogue(const at::Tensor& grad_y, const at::Tensor& saved, at::Tensor& dz,
-                       at::Tensor& grad_b, Act act, double slope) {
+void backward_epilogue(const at::Tensor& grad_y, const at::Tensor& saved, at::Tensor* dz, at::Tensor* grad_b,
+                       Act act, double slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t m = grad_y.size(0), n = grad_y.size(1), row_bytes = mask_row_bytes(n);
-  const Saves saves = saves_of(act);
   const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
-  const bool want_b = grad_b.defined();
-  std::vector<acc_t> partial(want_b ? blocks * n : 0, acc_t(0));
+  std::vector<acc_t> partial(grad_b ? blocks * n : 0, acc_t(0));
   const scalar_t* gp = grad_y.data_ptr<scalar_t>();
-  scalar_t* dp = saves != Saves::None ? dz.data_ptr<scalar_t>() : nullptr;  // dz is grad_y for None
-  at::parallel_for(0, blocks, 1, [&](int64_t bbegin, int64_t bend) {
-    acc_t g[kChunk], s[kChunk];
-    for (int64_t blk = bbegin; blk < bend; ++blk) {
-      for (int64_t i = blk * kRowBlock; i < std::min(m, (blk + 1) * kRowBlock); ++i) {
-        for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-          const int64_t len = std::min(kChunk, n - j0);
-          at::vec::convert(gp + i * n + j0, g, len);
-          if (saves == Saves::Mask) {
-            const uint8_t* row = saved.data_ptr<uint8_t>() + i * row_bytes + j0 / 8;
-            const acc_t neg = act == Act::LeakyRelu ? acc_t(slope) : acc_t(0);
-            for (int64_t k = 0; k < len; ++k) g[k] *= (row[k / 8] >> (k % 8)) & 1 ? acc_t(1) : neg;
-          } else if (saves != Saves::None) {
-            at::vec::convert(saved.data_ptr<scalar_t>() + i * n + j0, s, len);
-            vec_apply(s, len, [&](auto v) { return vec_derivative(act, v); });
-            for (int64_t k = 0; k < len; ++k) g[k] *= s[k];
-          }
-          if (saves != Saves::None) at::vec::convert(g, dp + i * n + j0, len);
-          if (want_b) {
-            // Sum dz as stored (rounded to scalar_t), as eager's sum of the dz tensor would.
-            const scalar_t* d = saves != Saves::None ? dp + i * n + j0 : gp + i * n + j0;
-            acc_t* p = partial.data() + blk * n + j0;
-            for (int64_t k = 0; k < len; ++k) p[k] += static_cast<acc_t>(d[k]);
+  const Saves saves = saves_of(act);
+  const uint8_t* mask = saves == Saves::Mask ? saved.data_ptr<uint8_t>() : nullptr;
+  const scalar_t* sp = saves == Saves::Preact || saves == Saves::Output ? saved.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dp = dz ? dz->data_ptr<scalar_t>() : nullptr;
+  const acc_t s = static_cast<acc_t>(slope);
+  dispatch_act(act, [&](auto tag) {
+    constexpr Act A = decltype(tag)::value;
+    at::parallel_for(0, blocks, 1, [&](int64_t bbegin, int64_t bend) {
+      for (int64_t blk = bbegin; blk < bend; ++blk) {
+        acc_t* part = grad_b ? partial.data() + blk * n : nullptr;
+        for (int64_t i = blk * kRowBlock; i < std::min(m, (blk + 1) * kRowBlock); ++i) {
+          const uint8_t* mr = mask ? mask + i * row_bytes : nullptr;
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            backward_row<A>(gp + i * n, sp ? sp + i * n : nullptr, mr, dp ? dp + i * n : nullptr, part, n, s);
+          } else {  // half/bfloat16: sum dz as stored (rounded), as eager's sum of the dz tensor would
+            acc_t g[kChunk], sv[kChunk];
+            for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+              const int64_t len = std::min(kChunk, n - j0);
+              at::vec::convert(gp + i * n + j0, g, len);
+              if (sp) at::vec::convert(sp + i * n + j0, sv, len);
+              backward_row<A>(g, sv, mr ? mr + j0 / 8 : nullptr, g, static_cast<acc_t*>(nullptr), len, s);
+              if (dp) {
+                at::vec::convert(g, dp + i * n + j0, len);
+                at::vec::convert(dp + i * n + j0, g, len);
+              }
+              if (part) backward_row<Act::None>(g, sv, nullptr, static_cast<acc_t*>(nullptr), part + j0, len, s);
+            }
           }
         }
       }
-    }
+    });
   });
-  if (!want_b) return;
-  scalar_t* bp = grad_b.data_ptr<scalar_t>();
+  if (!grad_b) return;
+  scalar_t* bp = grad_b->data_ptr<scalar_t>();
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       acc_t total = 0;
@@ -167,15 +251,13 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t act) {
   CHECK_DIM(weight, 2);
   CHECK_SAME_DTYPE(x, weight);
   CHECK_ACTIVATION(act);
-  TORCH_CHECK(x.size(1) == weight.size(1), "x has ", x.size(1), " features, weight expects ",
-              weight.size(1));
+  TORCH_CHECK(x.size(1) == weight.size(1), "x has ", x.size(1), " features, weight expects ", weight.size(1));
 }
 
 }  // namespace
 
 std::vector<at::Tensor> dense_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                          const c10::optional<at::Tensor>& bias, int64_t act,
-                                          double slope) {
+                                          const c10::optional<at::Tensor>& bias, int64_t act, double slope) {
   check_inputs(x, weight, act);
   const Act a = static_cast<Act>(act);
   const int64_t m = x.size(0), n = weight.size(0);
@@ -191,44 +273,41 @@ std::vector<at::Tensor> dense_forward_cpu(const at::Tensor& x, const at::Tensor&
   const bool bias_in_gemm = b.defined() && at::isReducedFloatingType(x.scalar_type());
   at::Tensor z = bias_in_gemm ? at::addmm(b, x, weight.t()) : at::mm(x, weight.t());  // fresh, contiguous
   if (bias_in_gemm) b = at::Tensor();
-  at::Tensor y = saves_of(a) == Saves::Preact ? at::empty_like(z) : z;
-  at::Tensor aux;
-  switch (saves_of(a)) {
-    case Saves::Mask: aux = at::empty({m, mask_row_bytes(n)}, x.options().dtype(at::kByte)); break;
-    case Saves::Preact: aux = z; break;
-    default: aux = at::empty({0}, x.options());
-  }
-  if (m > 0 && n > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_forward_cpu", [&] {
-      forward_epilogue<scalar_t>(z, y, aux, b, a, slope);
-    });
+  const Saves saves = saves_of(a);
+  at::Tensor y = saves == Saves::Preact ? at::empty_like(z) : z;
+  at::Tensor aux = saves == Saves::Mask     ? at::empty({m, mask_row_bytes(n)}, x.options().dtype(at::kByte))
+                   : saves == Saves::Preact ? z
+                                            : at::empty({0}, x.options());
+  if (m > 0 && n > 0 && (a != Act::None || b.defined())) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_forward_cpu",
+                                    [&] { forward_epilogue<scalar_t>(z, y, aux, b, a, slope); });
   }
   return {y, aux};
 }
 
-std::vector<at::Tensor> dense_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
-                                           const at::Tensor& weight, const at::Tensor& saved,
-                                           int64_t act, double slope, bool need_x, bool need_w,
-                                           bool need_b) {
+std::vector<at::Tensor> dense_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                           const at::Tensor& saved, int64_t act, double slope, bool need_x,
+                                           bool need_w, bool need_b) {
   check_inputs(x, weight, act);
   const Act a = static_cast<Act>(act);
+  const Saves saves = saves_of(a);
   const int64_t m = x.size(0), n = weight.size(0);
   at::Tensor g = grad_y.contiguous();
   CHECK_SHAPE(g, m, n);
   CHECK_SAME_DTYPE(g, x);
-  if (saves_of(a) == Saves::Mask) CHECK_SHAPE(saved, m, mask_row_bytes(n));
-  if (saves_of(a) == Saves::Preact || saves_of(a) == Saves::Output) CHECK_SHAPE(saved, m, n);
-  at::Tensor savedc = saved.contiguous();
-  at::Tensor dz = saves_of(a) == Saves::None ? g : at::empty_like(g);
+  if (saves == Saves::Mask) CHECK_SHAPE(saved, m, mask_row_bytes(n));
+  if (saves == Saves::Preact || saves == Saves::Output) CHECK_SHAPE(saved, m, n);
+  const at::Tensor savedc = saved.contiguous();
+  at::Tensor dz = saves == Saves::None ? g : at::empty_like(g);  // dz is grad_y itself for "none"
   at::Tensor grad_b = need_b ? at::zeros({n}, x.options()) : at::Tensor();
-  if (m > 0 && n > 0 && (saves_of(a) != Saves::None || need_b)) {
+  if (m > 0 && n > 0 && (saves != Saves::None || need_b)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_backward_cpu", [&] {
-      backward_epilogue<scalar_t>(g, savedc, dz, grad_b, a, slope);
+      backward_epilogue<scalar_t>(g, savedc, saves == Saves::None ? nullptr : &dz, need_b ? &grad_b : nullptr, a,
+                                  slope);
     });
   }
-  at::Tensor empty = at::empty({0}, x.options());
-  return {need_x ? at::mm(dz, weight) : empty, need_w ? at::mm(dz.t(), x) : empty,
-          need_b ? grad_b : empty};
+  const at::Tensor empty = at::empty({0}, x.options());
+  return {need_x ? at::mm(dz, weight) : empty, need_w ? at::mm(dz.t(), x) : empty, need_b ? grad_b : empty};
 }
 
 }  // namespace genfast
