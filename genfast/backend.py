@@ -22,6 +22,10 @@ from genfast import _extension
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _DEFAULT_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 _state = threading.local()
+# Outputs (rows x features) below which PyTorch's own ops beat the fused kernel on that device: its
+# fixed cost (custom-op dispatch and autograd in Python, ~40 us) exceeds the memory pass fusion saves.
+# Measured with `python -m benchmarks.crossover` (results in benchmarks/results/crossover-*.md).
+EAGER_BELOW: dict[tuple[str, str], int] = {("dense", "cpu"): 0}
 _warned: set[tuple[str, str]] = set()
 
 
@@ -92,6 +96,11 @@ def select(device: torch.device) -> str:
             _warned.add((name, device.type))
             warnings.warn(f"genfast: backend {name!r} unavailable ({reason}); falling back", stacklevel=3)
     return "reference"
+
+
+def prefers_eager(family: str, device: torch.device, outputs: int) -> bool:
+    """True when op `family` should run as plain PyTorch ops: unpinned and below the measured size."""
+    return pinned_backend() is None and outputs < EAGER_BELOW.get((family, device.type), 0)
 
 
 def available_backends() -> list[str]:

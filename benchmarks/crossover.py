@@ -1,0 +1,77 @@
+"""Where the fused dense kernel starts to beat PyTorch's own ops: the size behind EAGER_BELOW.
+
+``python -m benchmarks.crossover --device cpu`` times forward+backward of the pinned kernel and of
+eager ``F.linear`` + relu over a grid of (batch, in, out), prints a table and writes
+``benchmarks/results/crossover-<device>.md/.json``. The threshold to put into
+``genfast.backend.EAGER_BELOW`` is the smallest output size (batch x out) above which every measured
+shape has the kernel at least as fast as eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import genfast
+from benchmarks import environment, timing
+from benchmarks.cases.common import make_step
+
+BATCHES = (16, 64, 256, 1024, 4096)
+LAYERS = ((100, 128), (784, 600), (1024, 784))
+
+
+def measure_grid(device: torch.device) -> list[dict]:
+    rows = []
+    for (n_in, n_out) in tqdm([(i, o) for i, o in LAYERS], desc="crossover"):
+        for batch in BATCHES:
+            x = torch.randn(batch, n_in, device=device, requires_grad=True)
+            w = (torch.randn(n_out, n_in, device=device) / math.sqrt(n_in)).requires_grad_()
+            b = torch.randn(n_out, device=device, requires_grad=True)
+            g = torch.randn(batch, n_out, device=device)
+            eager = make_step(lambda *t: torch.relu(F.linear(*t)), (x, w, b), g, "both")
+            with genfast.use_backend(genfast.backend.select(device) if device.type == "cuda" else "cpu"):
+                fused = make_step(genfast.fused_dense, (x, w, b), g, "both")
+                kernel_ms = timing.measure(fused, device, timing.FULL).median_ms
+            eager_ms = timing.measure(eager, device, timing.FULL).median_ms
+            rows.append({"batch": batch, "in": n_in, "out": n_out, "outputs": batch * n_out,
+                         "kernel_ms": kernel_ms, "eager_ms": eager_ms, "eager_over_kernel": eager_ms / kernel_ms})
+    return rows
+
+
+def threshold(rows: list[dict]) -> int:
+    """Smallest output size above which no measured shape has the kernel slower than eager."""
+    losing = [r["outputs"] for r in rows if r["eager_over_kernel"] < 1.0]
+    return max(losing, default=0) + 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.crossover", description=__doc__)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = measure_grid(device)
+    result = {"header": environment.header(device, {"mode": "both", "activation": "relu", "dtype": "float32"}),
+              "rows": rows, "threshold_outputs": threshold(rows)}
+    name = f"crossover-{environment.slug(result['header']['device'])}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# fused_dense kernel vs eager, forward+backward, relu fp32: {result['header']['device']}", "",
+             f"commit {result['header']['git']['commit']}, {result['header']['date']}, torch {torch.__version__}", "",
+             "| batch | in | out | outputs | kernel ms | eager ms | eager/kernel |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['in']} | {r['out']} | {r['outputs']} | {r['kernel_ms']:.4g} | "
+              f"{r['eager_ms']:.4g} | {r['eager_over_kernel']:.2f} |" for r in rows]
+    lines += ["", f"Kernel never slower than eager above {result['threshold_outputs']} outputs (batch x out)."]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
