@@ -9,6 +9,7 @@ warns once. A pinned backend that cannot run raises.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -115,7 +116,11 @@ def kernel(family: str, step: str, device: torch.device):
     Every backend names it the same way: ``genfast.reference.<family>_<step>``,
     ``genfast.triton.<family>.<family>_<step>``, ``genfast._C.<family>_<step>_<cpu|cuda>``.
     """
-    name = select(device)
+    return _kernel(family, step, select(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(family: str, step: str, name: str):
     if name == "reference":
         from genfast import reference
 

@@ -8,7 +8,8 @@
 //   -> {grad_x (M, K), grad_weight (N, K), grad_bias (N)}, an empty tensor for each not needed.
 //   dz = grad_y * act'(saved); grad_x = dz @ weight; grad_weight = dz^T @ x; grad_bias = sum_i dz.
 //   saved is aux for Mask/Preact, y for Output, empty for None.
-// Bytes: forward reads x and weight and writes y (+ aux); the epilogue adds no pass over y.
+// Bytes: forward reads x and weight and writes y (+ aux); the GEMM adds the bias, the epilogue is one
+// pass over y (activation + mask bits), in place unless z must be kept.
 #pragma once
 
 #include <torch/extension.h>

@@ -1,6 +1,6 @@
 // CPU backend of the fused dense layer (contract and math in dense.h).
-// The GEMM goes through ATen (MKL/oneDNN). The epilogue, bias + activation (+ mask bits or z), is
-// one vectorized pass over the GEMM's output, in place, row by row while it is hot in cache.
+// The GEMM, bias included, goes through ATen (MKL/oneDNN). The epilogue, activation + mask bits, is
+// one vectorized pass over the GEMM's output, row by row (in place unless z must be kept).
 // Backward computes dz = grad_y * act'(saved) and the bias gradient in one pass, then the two GEMMs
 // through ATen. Rows are summed in fixed blocks, so the bias gradient never depends on the threads.
 #include <ATen/OpMathType.h>
@@ -112,11 +112,10 @@ Vectorized<float> mask_factor<float>(const uint8_t* row, int64_t first, float ot
 }
 #endif
 
-// One row of the forward epilogue in the math type: z = in + bias; z_out = z (if given);
-// mask bits of z > 0 (if given; the row's bytes, padding included, are all written); y = act(z).
+// One row of the forward epilogue in the math type: mask bits of z > 0 (if mask is given; the row's
+// bytes, padding included, are all written) and y = act(z). y may be z (in place).
 template <Act A, typename acc_t>
-void forward_row(const acc_t* in, const acc_t* bias, acc_t* z_out, uint8_t* mask, int64_t mask_bytes,
-                 acc_t* y, int64_t n, acc_t slope) {
+void forward_row(const acc_t* z_in, uint8_t* mask, int64_t mask_bytes, acc_t* y, int64_t n, acc_t slope) {
   using V = Vectorized<acc_t>;
   static_assert(8 % V::size() == 0 || V::size() % 8 == 0, "mask bytes must align with vectors");
   const V vslope(slope);
@@ -124,9 +123,7 @@ void forward_row(const acc_t* in, const acc_t* bias, acc_t* z_out, uint8_t* mask
   int pending_count = 0;
   for (int64_t j = 0; j < n; j += V::size()) {
     const int64_t len = std::min<int64_t>(V::size(), n - j);
-    V z = V::loadu(in + j, len);
-    if (bias) z = z + V::loadu(bias + j, len);
-    if (z_out) z.store(z_out + j, len);
+    const V z = V::loadu(z_in + j, len);
     if (mask) {
       pending |= uint64_t(positive_bits(z) & ((1u << len) - 1)) << pending_count;  // tail lanes: 0
       pending_count += V::size();
@@ -159,8 +156,7 @@ void backward_row(const acc_t* g, const acc_t* s, const uint8_t* mask, acc_t* dz
 }
 
 template <typename scalar_t>
-void forward_epilogue(at::Tensor& z, at::Tensor& y, at::Tensor& aux, const at::Tensor& bias, Act act,
-                      double slope) {
+void forward_epilogue(at::Tensor& z, at::Tensor& y, at::Tensor& aux, Act act, double slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t m = z.size(0), n = z.size(1), row_bytes = mask_row_bytes(n);
   const Saves saves = saves_of(act);
@@ -175,16 +171,14 @@ void forward_epilogue(at::Tensor& z, at::Tensor& y, at::Tensor& aux, const at::T
         scalar_t* zr = zp + i * n;
         uint8_t* mr = mask ? mask + i * row_bytes : nullptr;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          const acc_t* b = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
-          forward_row<A>(zr, b, saves == Saves::Preact ? zr : nullptr, mr, row_bytes, yp + i * n, n, s);
-        } else {  // half/bfloat16: bias is already in z (see dense_forward_cpu); convert chunk by chunk
+          forward_row<A>(zr, mr, row_bytes, yp + i * n, n, s);
+        } else {  // half/bfloat16: convert chunk by chunk
           acc_t buf[kChunk];
           for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
             const int64_t len = std::min(kChunk, n - j0);
             at::vec::convert(zr + j0, buf, len);
             const int64_t bytes = j0 + len < n ? len / 8 : row_bytes - j0 / 8;
-            forward_row<A>(buf, static_cast<const acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
-                           mr ? mr + j0 / 8 : nullptr, bytes, buf, len, s);
+            forward_row<A>(buf, mr ? mr + j0 / 8 : nullptr, bytes, buf, len, s);
             at::vec::convert(buf, yp + i * n + j0, len);
           }
         }
@@ -268,19 +262,17 @@ std::vector<at::Tensor> dense_forward_cpu(const at::Tensor& x, const at::Tensor&
     CHECK_SAME_DTYPE(x, b);
     CHECK_SHAPE(b, n);
   }
-  // fp32/fp64: the bias joins the activation's pass. Half/bf16: the bias goes into the GEMM, as in
-  // eager nn.Linear, so z is rounded once rather than twice (z, then z + bias).
-  const bool bias_in_gemm = b.defined() && at::isReducedFloatingType(x.scalar_type());
-  at::Tensor z = bias_in_gemm ? at::addmm(b, x, weight.t()) : at::mm(x, weight.t());  // fresh, contiguous
-  if (bias_in_gemm) b = at::Tensor();
+  // The bias goes into the GEMM (beta = 1 over a broadcast bias, as nn.Linear does): measured here it
+  // costs the GEMM nothing, and z is rounded once. The epilogue is then the activation's one pass.
+  at::Tensor z = b.defined() ? at::addmm(b, x, weight.t()) : at::mm(x, weight.t());  // fresh, contiguous
   const Saves saves = saves_of(a);
   at::Tensor y = saves == Saves::Preact ? at::empty_like(z) : z;
   at::Tensor aux = saves == Saves::Mask     ? at::empty({m, mask_row_bytes(n)}, x.options().dtype(at::kByte))
                    : saves == Saves::Preact ? z
                                             : at::empty({0}, x.options());
-  if (m > 0 && n > 0 && (a != Act::None || b.defined())) {
+  if (m > 0 && n > 0 && a != Act::None) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_forward_cpu",
-                                    [&] { forward_epilogue<scalar_t>(z, y, aux, b, a, slope); });
+                                    [&] { forward_epilogue<scalar_t>(z, y, aux, a, slope); });
   }
   return {y, aux};
 }

@@ -1,0 +1,233 @@
+"""Triton backend of the fused dense layer (contract in csrc/dense/dense.h).
+
+Forward: z = x @ weight^T + bias, y = act(z), one GEMM with bias and activation in its epilogue,
+which also writes what backward needs: the packed bit mask of z > 0 (relu, leaky_relu) or z itself
+(gelu, gelu_tanh, silu).
+Backward: dz = grad_y * act'(saved) and grad_bias = sum_i dz[i] in one pass (per-block partial sums
+reduced in a fixed order: deterministic, no atomics), then grad_x = dz @ weight and
+grad_weight = dz^T @ x with the same GEMM kernel, transposes expressed as strides (no copies).
+Bytes moved: forward reads x, weight (and bias) and writes y plus M*mask_row_bytes(N) mask bytes or
+an (M, N) z; backward reads grad_y and saved, writes dz (not for "none") and reads dz, x, weight
+for the GEMMs. GEMMs accumulate in fp32 (fp64 for fp64); fp32 inputs use TF32 when
+torch.backends.cuda.matmul.allow_tf32 is set, IEEE fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from genfast.activations import ACTIVATIONS
+from genfast.reference import mask_row_bytes
+
+NONE, RELU, LEAKY_RELU = (ACTIVATIONS[n].code for n in ("none", "relu", "leaky_relu"))
+GELU, GELU_TANH, SILU = (ACTIVATIONS[n].code for n in ("gelu", "gelu_tanh", "silu"))
+SIGMOID, TANH = ACTIVATIONS["sigmoid"].code, ACTIVATIONS["tanh"].code
+_SAVES = {a.code: a.saves for a in ACTIVATIONS.values()}
+_SAVES_CODE = {"none": 0, "mask": 1, "output": 2, "preact": 3}
+_SQRT_2_OVER_PI = 0.7978845608028654
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def _configs() -> list[triton.Config]:
+    # The interpreter can't time kernels (no device benchmarker): one config, small tiles.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8})]
+    shapes = [(128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
+              (64, 64, 64, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+@triton.jit
+def _tanh(x):
+    # Small |x|: odd polynomial (Cephes tanhf), as 1 - 2/(e^2x + 1) would lose all relative precision.
+    x2 = x * x
+    poly = ((((-5.70498872745e-3 * x2 + 2.06390887954e-2) * x2 - 5.37397155531e-2) * x2
+             + 1.33314422036e-1) * x2 - 3.33332819422e-1) * x2 * x + x
+    return tl.where(tl.abs(x) < 0.625, poly, 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+
+
+@triton.jit
+def _normal_cdf(z):
+    # Phi(z) = erfc(-z/sqrt2)/2 with erfc from Numerical Recipes' Chebyshev fit (relative error < 1.2e-7
+    # for all arguments), so the tail z << 0 keeps its relative precision unlike 1 + erf.
+    a = tl.abs(z) * 0.7071067811865476
+    t = 1.0 / (1.0 + 0.5 * a)
+    p = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * (
+        0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
+    half_erfc = 0.5 * t * tl.exp(p - a * a)
+    return tl.where(z > 0, 1.0 - half_erfc, half_erfc)
+
+
+@triton.jit
+def _act_forward(z, slope, ACT: tl.constexpr):
+    if ACT == RELU:
+        return tl.maximum(z, 0.0)
+    elif ACT == LEAKY_RELU:
+        return tl.where(z > 0, z, z * slope)
+    elif ACT == GELU:
+        return z * _normal_cdf(z)
+    elif ACT == GELU_TANH:
+        return 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+    elif ACT == SILU:
+        return z * tl.sigmoid(z)
+    elif ACT == SIGMOID:
+        return tl.sigmoid(z)
+    elif ACT == TANH:
+        return _tanh(z)
+    else:
+        return z
+
+
+@triton.jit
+def _act_derivative(s, ACT: tl.constexpr):
+    """dy/dz from s = z (gelu, gelu_tanh, silu) or s = y (sigmoid, tanh)."""
+    if ACT == GELU:
+        return _normal_cdf(s) + s * tl.exp(-0.5 * s * s) * _INV_SQRT_2PI
+    elif ACT == GELU_TANH:
+        t = _tanh(_SQRT_2_OVER_PI * (s + 0.044715 * s * s * s))
+        return 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * s * s)
+    elif ACT == SILU:
+        sig = tl.sigmoid(s)
+        return sig * (1.0 + s * (1.0 - sig))
+    elif ACT == SIGMOID:
+        return s * (1.0 - s)
+    else:
+        return 1.0 - s * s
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "stride_ak", "stride_bk"])
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_grid, stride_am, stride_ak,
+                   stride_bk, stride_bn, stride_cm, stride_cn, mask_row_bytes, slope,
+                   ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVES: tl.constexpr, PRECISION: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    """c (M, N) = act(a (M, K) @ b (K, N) + bias) with any strides; z and mask bits written per SAVES.
+
+    The grid covers n_grid >= N columns: with a mask, the whole padded mask row.
+    """
+    # Grouped order: GROUP_M row-blocks share each column block while it is in L2.
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(n_grid, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = min(blocks_m - first_m, GROUP_M)
+    pid_m = (first_m + (pid % per_group) % group_size).to(tl.int64)
+    pid_n = ((pid % per_group) // group_size).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # Column blocks past N exist only to write the mask row's zero padding: they skip the K loop.
+    k_end = tl.where(pid_n * BLOCK_N < N, K, 0)
+    for k in range(0, k_end, BLOCK_K):
+        a = tl.load(a_ptrs, mask=(rows[:, None] < M) & (ks[None, :] < K - k), other=0.0)
+        b = tl.load(b_ptrs, mask=(ks[:, None] < K - k) & (cols[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(ACC)
+    inside = (rows[:, None] < M) & (cols[None, :] < N)
+    offsets = rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptr + offsets, _act_forward(acc, slope, ACT).to(c_ptr.dtype.element_ty), mask=inside)
+    if SAVES == 3:
+        tl.store(z_ptr + offsets, acc.to(z_ptr.dtype.element_ty), mask=inside)
+    if SAVES == 1:
+        # Out-of-range columns hold z = 0, so their bits (the row padding) come out 0.
+        bits = tl.reshape((acc > 0).to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8))
+        packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
+        byte = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        tl.store(mask_ptr + rows[:, None] * mask_row_bytes + byte[None, :], packed,
+                 mask=(rows[:, None] < M) & (byte[None, :] < mask_row_bytes))
+
+
+@triton.jit
+def _dz_kernel(g_ptr, s_ptr, dz_ptr, partial_ptr, M, N, mask_row_bytes, slope,
+               ACT: tl.constexpr, SAVES: tl.constexpr, STORE_DZ: tl.constexpr, REDUCE: tl.constexpr,
+               ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dz = g * act'(saved) over ROWS rows; the column sums of those rows go to partial[pid_m]."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_sum = tl.zeros((BLOCK_N,), dtype=ACC)
+    for r in range(0, ROWS, BLOCK_M):
+        rows = pid_m * ROWS + r + tl.arange(0, BLOCK_M)
+        inside = (rows[:, None] < M) & (cols[None, :] < N)
+        offsets = rows[:, None] * N + cols[None, :]
+        dz = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(ACC)
+        if SAVES == 1:
+            byte = tl.load(s_ptr + rows[:, None] * mask_row_bytes + cols[None, :] // 8, mask=inside, other=0)
+            dz *= tl.where(((byte >> (cols[None, :] % 8).to(tl.uint8)) & 1) != 0, 1.0,
+                           slope if ACT == LEAKY_RELU else 0.0)
+        if SAVES >= 2:
+            dz *= _act_derivative(tl.load(s_ptr + offsets, mask=inside, other=0.0).to(ACC), ACT)
+        if STORE_DZ:
+            tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=inside)
+        if REDUCE:
+            col_sum += tl.sum(dz, axis=0)
+    if REDUCE:
+        tl.store(partial_ptr + pid_m * N + cols, col_sum, mask=cols < N)
+
+
+def _matmul(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, act: int = NONE, slope: float = 0.0,
+            z: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    """out = act(a @ b + bias) for 2-D views a (M, K), b (K, N) with any strides; fills z / mask if given."""
+    (m, k), n = a.shape, b.shape[1]
+    if out.numel() == 0:
+        return out
+    row_bytes = mask_row_bytes(n)
+    cols = row_bytes * 8 if mask is not None else n
+    fp32 = a.dtype == torch.float32
+    precision = "tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    acc = tl.float64 if a.dtype == torch.float64 else tl.float32
+    saves = 1 if mask is not None else 3 if z is not None else 0
+    _matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)](
+        a, b, out, bias, z, mask, m, n, k, cols, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        out.stride(0), out.stride(1), row_bytes, slope,
+        ACT=act, HAS_BIAS=bias is not None, SAVES=saves, PRECISION=precision, ACC=acc)
+    return out
+
+
+def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act_code: int, slope: float) -> tuple[Tensor, Tensor]:
+    """y = act(x (M, K) @ weight (N, K)^T + bias (N,)), and aux: mask bits, z, or an empty tensor."""
+    m, n = x.shape[0], weight.shape[0]
+    y = x.new_empty((m, n))
+    saves = _SAVES[act_code]
+    mask = x.new_empty((m, mask_row_bytes(n)), dtype=torch.uint8) if saves == "mask" else None
+    z = x.new_empty((m, n)) if saves == "preact" else None
+    _matmul(x, weight.t(), y, bias, act_code, slope, z, mask)
+    aux = mask if mask is not None else z if z is not None else x.new_empty(0)
+    return y, aux
+
+
+def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act_code: int, slope: float,
+                   need_x: bool, need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """grad_x (M, K), grad_weight (N, K), grad_bias (N,) from dz = grad_y * act'(saved); empty if not needed."""
+    m, n = grad_y.shape
+    saves = _SAVES_CODE[_SAVES[act_code]]
+    store_dz = saves != 0 and (need_x or need_w)
+    dz = grad_y.new_empty((m, n)) if store_dz else grad_y  # dz is grad_y itself for "none"
+    grad_b = x.new_zeros(n) if need_b else x.new_empty(0)
+    if (store_dz or need_b) and m * n > 0:
+        rows, block_m, block_n = 256, 32, 64
+        acc, acc_torch = (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
+        partial = x.new_empty((triton.cdiv(m, rows), n), dtype=acc_torch)
+        _dz_kernel[(triton.cdiv(m, rows), triton.cdiv(n, block_n))](
+            grad_y, saved, dz, partial, m, n, mask_row_bytes(n), slope, ACT=act_code, SAVES=saves,
+            STORE_DZ=store_dz, REDUCE=need_b, ACC=acc, ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n)
+        if need_b:
+            # torch's sum over dim 0 is a fixed-order tree reduction: deterministic.
+            grad_b = partial.sum(0).to(x.dtype)
+    empty = x.new_empty(0)
+    grad_x = _matmul(dz, weight, x.new_empty(x.shape)) if need_x else empty
+    grad_w = _matmul(dz.t(), x, weight.new_empty(weight.shape)) if need_w else empty
+    return grad_x, grad_w, grad_b
