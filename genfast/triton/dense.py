@@ -6,10 +6,13 @@ which also writes what backward needs: the packed bit mask of z > 0 (relu, leaky
 Backward: dz = grad_y * act'(saved) and grad_bias = sum_i dz[i] in one pass (per-block partial sums
 reduced in a fixed order: deterministic, no atomics), then grad_x = dz @ weight and
 grad_weight = dz^T @ x with the same GEMM kernel, transposes expressed as strides (no copies).
-Bytes moved: forward reads x, weight (and bias) and writes y plus M*mask_row_bytes(N) mask bytes or
-an (M, N) z; backward reads grad_y and saved, writes dz (not for "none") and reads dz, x, weight
-for the GEMMs. GEMMs accumulate in fp32 (fp64 for fp64); fp32 inputs use TF32 when
-torch.backends.cuda.matmul.allow_tf32 is set, IEEE fp32 otherwise.
+Bytes moved (e bytes per element, B = M * mask_row_bytes(N)): forward reads x, weight, bias and writes y,
+e(MK + NK + N + MN), plus B mask bytes or e*MN for z; the epilogue adds no pass over y. Backward reads
+grad_y and saved (B or e*MN) and writes dz (e*MN, skipped for "none"), then the GEMMs read dz, weight
+and x and write grad_x (e*MK) and grad_weight (e*NK).
+GEMMs accumulate in fp32 (fp64 for fp64 inputs); fp32 inputs use TF32 when
+torch.backends.cuda.matmul.allow_tf32 is set, IEEE fp32 otherwise. Without libdevice, erf and tanh
+are fp32-accurate approximations (relative error ~1e-7), also for fp64 inputs.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from torch import Tensor
 from genfast.activations import ACTIVATIONS
 from genfast.reference import mask_row_bytes
 
-NONE, RELU, LEAKY_RELU = (ACTIVATIONS[n].code for n in ("none", "relu", "leaky_relu"))
-GELU, GELU_TANH, SILU = (ACTIVATIONS[n].code for n in ("gelu", "gelu_tanh", "silu"))
-SIGMOID, TANH = ACTIVATIONS["sigmoid"].code, ACTIVATIONS["tanh"].code
+# Globals read inside kernels must be tl.constexpr for the compiler.
+NONE, RELU, LEAKY_RELU, GELU, GELU_TANH, SILU, SIGMOID, TANH = (
+    tl.constexpr(ACTIVATIONS[n].code)
+    for n in ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh"))
 _SAVES = {a.code: a.saves for a in ACTIVATIONS.values()}
-_SAVES_CODE = {"none": 0, "mask": 1, "output": 2, "preact": 3}
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT_2PI = 0.3989422804014327
+_MASK, _OUTPUT, _PREACT = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)  # what SAVES means in kernels
+_SAVES_CODE = {"none": 0, "mask": _MASK, "output": _OUTPUT, "preact": _PREACT}
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # (the interpreter needs constexprs right of tensors)
 
 
 def _configs() -> list[triton.Config]:
@@ -67,13 +72,13 @@ def _normal_cdf(z):
 @triton.jit
 def _act_forward(z, slope, ACT: tl.constexpr):
     if ACT == RELU:
-        return tl.maximum(z, 0.0)
+        return tl.where(z < 0, 0.0, z)  # NaN stays NaN, as in torch.relu
     elif ACT == LEAKY_RELU:
         return tl.where(z > 0, z, z * slope)
     elif ACT == GELU:
         return z * _normal_cdf(z)
     elif ACT == GELU_TANH:
-        return 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+        return 0.5 * z * (1.0 + _tanh((z + 0.044715 * z * z * z) * _SQRT_2_OVER_PI))
     elif ACT == SILU:
         return z * tl.sigmoid(z)
     elif ACT == SIGMOID:
@@ -90,7 +95,7 @@ def _act_derivative(s, ACT: tl.constexpr):
     if ACT == GELU:
         return _normal_cdf(s) + s * tl.exp(-0.5 * s * s) * _INV_SQRT_2PI
     elif ACT == GELU_TANH:
-        t = _tanh(_SQRT_2_OVER_PI * (s + 0.044715 * s * s * s))
+        t = _tanh((s + 0.044715 * s * s * s) * _SQRT_2_OVER_PI)
         return 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * s * s)
     elif ACT == SILU:
         sig = tl.sigmoid(s)
@@ -104,7 +109,7 @@ def _act_derivative(s, ACT: tl.constexpr):
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "stride_ak", "stride_bk"])
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_grid, stride_am, stride_ak,
-                   stride_bk, stride_bn, stride_cm, stride_cn, mask_row_bytes, slope,
+                   stride_bk, stride_bn, stride_cm, stride_cn, row_bytes, slope,
                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVES: tl.constexpr, PRECISION: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
@@ -140,19 +145,19 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_gr
     inside = (rows[:, None] < M) & (cols[None, :] < N)
     offsets = rows[:, None] * stride_cm + cols[None, :] * stride_cn
     tl.store(c_ptr + offsets, _act_forward(acc, slope, ACT).to(c_ptr.dtype.element_ty), mask=inside)
-    if SAVES == 3:
+    if SAVES == _PREACT:
         tl.store(z_ptr + offsets, acc.to(z_ptr.dtype.element_ty), mask=inside)
-    if SAVES == 1:
+    if SAVES == _MASK:
         # Out-of-range columns hold z = 0, so their bits (the row padding) come out 0.
         bits = tl.reshape((acc > 0).to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8))
         packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
         byte = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-        tl.store(mask_ptr + rows[:, None] * mask_row_bytes + byte[None, :], packed,
-                 mask=(rows[:, None] < M) & (byte[None, :] < mask_row_bytes))
+        tl.store(mask_ptr + rows[:, None] * row_bytes + byte[None, :], packed,
+                 mask=(rows[:, None] < M) & (byte[None, :] < row_bytes))
 
 
 @triton.jit
-def _dz_kernel(g_ptr, s_ptr, dz_ptr, partial_ptr, M, N, mask_row_bytes, slope,
+def _dz_kernel(g_ptr, s_ptr, dz_ptr, partial_ptr, M, N, row_bytes, slope,
                ACT: tl.constexpr, SAVES: tl.constexpr, STORE_DZ: tl.constexpr, REDUCE: tl.constexpr,
                ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dz = g * act'(saved) over ROWS rows; the column sums of those rows go to partial[pid_m]."""
@@ -164,11 +169,11 @@ def _dz_kernel(g_ptr, s_ptr, dz_ptr, partial_ptr, M, N, mask_row_bytes, slope,
         inside = (rows[:, None] < M) & (cols[None, :] < N)
         offsets = rows[:, None] * N + cols[None, :]
         dz = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(ACC)
-        if SAVES == 1:
-            byte = tl.load(s_ptr + rows[:, None] * mask_row_bytes + cols[None, :] // 8, mask=inside, other=0)
+        if SAVES == _MASK:
+            byte = tl.load(s_ptr + rows[:, None] * row_bytes + cols[None, :] // 8, mask=inside, other=0)
             dz *= tl.where(((byte >> (cols[None, :] % 8).to(tl.uint8)) & 1) != 0, 1.0,
                            slope if ACT == LEAKY_RELU else 0.0)
-        if SAVES >= 2:
+        if SAVES == _OUTPUT or SAVES == _PREACT:
             dz *= _act_derivative(tl.load(s_ptr + offsets, mask=inside, other=0.0).to(ACC), ACT)
         if STORE_DZ:
             tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=inside)
@@ -178,8 +183,8 @@ def _dz_kernel(g_ptr, s_ptr, dz_ptr, partial_ptr, M, N, mask_row_bytes, slope,
         tl.store(partial_ptr + pid_m * N + cols, col_sum, mask=cols < N)
 
 
-def _matmul(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, act: int = NONE, slope: float = 0.0,
-            z: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+def _matmul(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, act: int = NONE,
+            slope: float = 0.0, z: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
     """out = act(a @ b + bias) for 2-D views a (M, K), b (K, N) with any strides; fills z / mask if given."""
     (m, k), n = a.shape, b.shape[1]
     if out.numel() == 0:
@@ -189,7 +194,7 @@ def _matmul(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, act: 
     fp32 = a.dtype == torch.float32
     precision = "tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     acc = tl.float64 if a.dtype == torch.float64 else tl.float32
-    saves = 1 if mask is not None else 3 if z is not None else 0
+    saves = _MASK if mask is not None else _PREACT if z is not None else 0
     _matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)](
         a, b, out, bias, z, mask, m, n, k, cols, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), row_bytes, slope,
@@ -197,7 +202,8 @@ def _matmul(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, act: 
     return out
 
 
-def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act_code: int, slope: float) -> tuple[Tensor, Tensor]:
+def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act_code: int,
+                  slope: float) -> tuple[Tensor, Tensor]:
     """y = act(x (M, K) @ weight (N, K)^T + bias (N,)), and aux: mask bits, z, or an empty tensor."""
     m, n = x.shape[0], weight.shape[0]
     y = x.new_empty((m, n))
@@ -211,7 +217,10 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act_code: int,
 
 def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act_code: int, slope: float,
                    need_x: bool, need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """grad_x (M, K), grad_weight (N, K), grad_bias (N,) from dz = grad_y * act'(saved); empty if not needed."""
+    """grad_x (M, K), grad_weight (N, K), grad_bias (N,) from dz = grad_y * act'(saved).
+
+    Each gradient not needed comes back as an empty tensor.
+    """
     m, n = grad_y.shape
     saves = _SAVES_CODE[_SAVES[act_code]]
     store_dz = saves != 0 and (need_x or need_w)
@@ -219,11 +228,13 @@ def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act
     grad_b = x.new_zeros(n) if need_b else x.new_empty(0)
     if (store_dz or need_b) and m * n > 0:
         rows, block_m, block_n = 256, 32, 64
-        acc, acc_torch = (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
-        partial = x.new_empty((triton.cdiv(m, rows), n), dtype=acc_torch)
+        acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+        partial = x.new_empty((triton.cdiv(m, rows), n), dtype=torch.float64 if acc == tl.float64
+                              else torch.float32) if need_b else None
         _dz_kernel[(triton.cdiv(m, rows), triton.cdiv(n, block_n))](
-            grad_y, saved, dz, partial, m, n, mask_row_bytes(n), slope, ACT=act_code, SAVES=saves,
-            STORE_DZ=store_dz, REDUCE=need_b, ACC=acc, ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n)
+            grad_y, saved if saves else None, dz, partial, m, n, mask_row_bytes(n), slope, ACT=act_code,
+            SAVES=saves, STORE_DZ=store_dz, REDUCE=need_b, ACC=acc, ROWS=rows, BLOCK_M=block_m,
+            BLOCK_N=block_n)
         if need_b:
             # torch's sum over dim 0 is a fixed-order tree reduction: deterministic.
             grad_b = partial.sum(0).to(x.dtype)
