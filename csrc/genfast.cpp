@@ -5,6 +5,10 @@
 #include "common/activations.h"
 #include "dense/dense.h"
 
+#ifdef GENFAST_WITH_CUDA
+#include <cuda.h>  // CUDA_VERSION
+#endif
+
 #ifndef GENFAST_CUDA_ARCHS
 #define GENFAST_CUDA_ARCHS ""
 #endif

@@ -160,3 +160,21 @@ def test_gpu_non_contiguous_and_3d():
     require_backend("cuda", "cuda")
     x, w, b = make_inputs(7, 100, 13, torch.bfloat16, "cuda", leading=(3,))
     check_against_reference("cuda", x.transpose(0, 1), w, b, "gelu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("act", ["relu", "gelu", "tanh"])
+def test_eager_path_and_custom_op_agree_bit_for_bit(backend, act):
+    """Eager mode calls the kernels through a light autograd.Function, compiled code through the op."""
+    require_backend(backend, "cpu")
+    x, w, b = (t.requires_grad_() for t in make_inputs(9, 20, 11, torch.float32, "cpu"))
+    grad = torch.randn(9, 11)
+    code = ACTIVATIONS[act].code
+    with genfast.use_backend(backend):
+        y_eager = genfast.fused_dense(x, w, b, activation=act)
+        grads_eager = torch.autograd.grad(y_eager, (x, w, b), grad)
+        y_op, _ = torch.ops.genfast.fused_dense(x, w, b, code, 0.01)
+        grads_op = torch.autograd.grad(y_op, (x, w, b), grad)
+    assert torch.equal(y_eager, y_op)
+    for a, c in zip(grads_eager, grads_op):
+        assert torch.equal(a, c)

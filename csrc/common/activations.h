@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #define GENFAST_HD __host__ __device__ __forceinline__
@@ -83,6 +84,24 @@ GENFAST_HD T act_derivative(Act a, T s, T slope) {
     case Act::Sigmoid: return s * (one - s);
     case Act::Tanh: return one - s * s;
     default: return one;
+  }
+}
+
+template <Act A>
+using ActTag = std::integral_constant<Act, A>;
+
+// Calls f(ActTag<a>{}): each activation gets its own instantiation of a loop or kernel (host code).
+template <typename F>
+void dispatch_act(Act a, F&& f) {
+  switch (a) {
+    case Act::Relu: return f(ActTag<Act::Relu>{});
+    case Act::LeakyRelu: return f(ActTag<Act::LeakyRelu>{});
+    case Act::Gelu: return f(ActTag<Act::Gelu>{});
+    case Act::GeluTanh: return f(ActTag<Act::GeluTanh>{});
+    case Act::Silu: return f(ActTag<Act::Silu>{});
+    case Act::Sigmoid: return f(ActTag<Act::Sigmoid>{});
+    case Act::Tanh: return f(ActTag<Act::Tanh>{});
+    default: return f(ActTag<Act::None>{});
   }
 }
 

@@ -22,24 +22,6 @@ using at::vec::Vectorized;
 constexpr int64_t kChunk = 512;    // half/bf16 columns converted to float at a time (multiple of 8)
 constexpr int64_t kRowBlock = 64;  // rows per bias-gradient partial sum: fixed, never the thread count
 
-template <Act A>
-using ActTag = std::integral_constant<Act, A>;
-
-// Calls f(ActTag<a>{}) so that every activation gets its own inlined loop.
-template <typename F>
-void dispatch_act(Act a, F&& f) {
-  switch (a) {
-    case Act::Relu: return f(ActTag<Act::Relu>{});
-    case Act::LeakyRelu: return f(ActTag<Act::LeakyRelu>{});
-    case Act::Gelu: return f(ActTag<Act::Gelu>{});
-    case Act::GeluTanh: return f(ActTag<Act::GeluTanh>{});
-    case Act::Silu: return f(ActTag<Act::Silu>{});
-    case Act::Sigmoid: return f(ActTag<Act::Sigmoid>{});
-    case Act::Tanh: return f(ActTag<Act::Tanh>{});
-    default: return f(ActTag<Act::None>{});
-  }
-}
-
 // Vectorized act_forward / act_derivative (activations.h holds the scalar definitions).
 template <Act A, typename V>
 V vec_forward(V z, V slope) {
