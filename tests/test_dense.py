@@ -178,3 +178,41 @@ def test_eager_path_and_custom_op_agree_bit_for_bit(backend, act):
     assert torch.equal(y_eager, y_op)
     for a, c in zip(grads_eager, grads_op):
         assert torch.equal(a, c)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("n_out", [1, 7, 100, 128, 129, 784])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpu_mask_bytes_equal_the_cpu_backend(backend, n_out, bias):
+    """cuBLASLt's RELU_AUX bit order, the z > 0 convention and the zero padding, byte for byte."""
+    require_backend(backend, "cuda")
+    require_backend("cpu", "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    # Small integers: z is exact in fp32 on every backend, so the masks must be identical.
+    x = torch.randint(-3, 4, (37, 16)).float()
+    w = torch.randint(-3, 4, (n_out, 16)).float()
+    b = torch.randint(-3, 4, (n_out,)).float() if bias else None
+    code = ACTIVATIONS["relu"].code
+    with genfast.use_backend("cpu"):
+        _, expected = torch.ops.genfast.fused_dense(x, w, b, code, SLOPE)
+    with genfast.use_backend(backend):
+        _, mask = torch.ops.genfast.fused_dense(x.cuda(), w.cuda(), None if b is None else b.cuda(), code, SLOPE)
+    assert torch.equal(mask.cpu(), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_offset_views_and_deterministic_bias_gradient(backend):
+    require_backend(backend, "cuda")
+    storage = torch.randn(1 + 255 * 100, device="cuda")
+    x = storage[1:].view(255, 100)  # a storage offset of one element: unaligned for vector loads
+    w, b = torch.randn(784, 100, device="cuda") / 10, torch.randn(784, device="cuda")
+    check_against_reference(backend, x, w, b, "gelu")
+    grads = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        with genfast.use_backend(backend):
+            genfast.fused_dense(*leaves, activation="relu").backward(torch.ones(255, 784, device="cuda"))
+        grads.append(leaves[2].grad)
+    assert torch.equal(grads[0], grads[1]), "the bias gradient must be the same bits run to run"
