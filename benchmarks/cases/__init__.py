@@ -1,0 +1,15 @@
+"""The op families the suite knows, and what a family module provides.
+
+A family is a module ``benchmarks/cases/<family>.py`` registered in ``FAMILIES``. It exposes
+``CASES`` and ``QUICK_CASES`` (device type -> tuple of frozen case dataclasses, each with ``name``,
+``dtype``, ``mode`` and ``flops``) and ``contenders(case, device) -> dict[str, Contender]``: genfast on
+each backend this device has, eager PyTorch and ``torch.compile``, on the same inputs.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from benchmarks.cases import dense
+
+FAMILIES: dict[str, ModuleType] = {"dense": dense}

@@ -1,0 +1,103 @@
+"""Runs the selected families' cases and writes the results; ``run`` is the entry point."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from tqdm import tqdm
+
+import genfast
+from benchmarks import environment, report, timing
+from benchmarks.cases import FAMILIES
+
+
+def run(device: str | None = None, cases: Sequence[str] = tuple(FAMILIES), quick: bool = False,
+        out: str | os.PathLike = "benchmarks/results", flush_l2: bool = False) -> Path:
+    """Benchmark the families `cases` on `device`; write <out>/<device>.json/.md/.png; return the JSON path.
+
+    Example: ``benchmarks.run(device="cpu", cases=["dense"], quick=True, out="/tmp/bench")``.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    unknown = sorted(set(cases) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"cases: unknown families {unknown}; expected some of {sorted(FAMILIES)}")
+    config = timing.QUICK if quick else timing.FULL
+    selected = [(FAMILIES[name], case) for name in cases
+                for case in (FAMILIES[name].QUICK_CASES if quick else FAMILIES[name].CASES)[dev.type]]
+    _warn_if_busy()
+    rates = _matmul_rates(dev, {case.dtype for _, case in selected}, config)
+    settings = {"quick": quick, "flush_l2": flush_l2, "timing": dataclasses.asdict(config),
+                "matmul_flops_per_s": rates}
+    header = environment.header(dev, settings)  # before the run: the commit and build that it timed
+    rows = []
+    progress = tqdm(selected, desc=f"benchmarks ({dev.type})", unit="case")
+    for family, case in progress:
+        progress.set_postfix_str(case.name)
+        rows.append(_row(family, case, dev, config, flush_l2, rates))
+    header["load_average"] = {"start": header["load_average"], "end": os.getloadavg()}
+    return report.write(Path(out), header, rows)
+
+
+def _warn_if_busy() -> None:
+    """Other work on the machine skews timings (CPU threads wait for each other): say so up front."""
+    load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    if load > 0.5 * cores:
+        warnings.warn(f"load average {load:.1f} on {cores} cores before the run: timings may be skewed "
+                      "(the header records the load average)", stacklevel=3)
+
+
+def _matmul_rates(device: torch.device, dtypes: set[str], config: timing.TimingConfig) -> dict[str, float]:
+    """GPU only: the measured torch.mm FLOP/s per dtype, the yardstick of the GEMM cases."""
+    if device.type != "cuda":
+        return {}
+    return {dtype: timing.matmul_rate(device, getattr(torch, dtype), config) for dtype in sorted(dtypes)}
+
+
+def _row(family, case, device: torch.device, config: timing.TimingConfig, flush_l2: bool,
+         rates: dict[str, float]) -> dict:
+    """Every contender of `case`, alternated for `config.rounds` rounds, each keeping its best median."""
+    contenders = family.contenders(case, device)
+    callables = {}
+    for name, contender in contenders.items():
+        with _pinned(contender.backend):
+            callables[name] = contender.make()
+    best: dict[str, timing.Measurement] = {}
+    for _ in range(config.rounds):
+        for name, fn in callables.items():
+            with _pinned(contenders[name].backend):
+                measured = timing.measure(fn, device, config, flush_l2)
+            if name not in best or measured.median_ms < best[name].median_ms:
+                best[name] = measured
+    results = {name: dataclasses.asdict(measured) for name, measured in best.items()}
+    if case.dtype in rates:
+        for result in results.values():
+            result["matmul_fraction"] = case.flops / (result["median_ms"] / 1e3) / rates[case.dtype]
+    genfast_names = [n for n in results if n.startswith("genfast:")]
+    ratios = {f"{base}/{g}": results[base]["median_ms"] / results[g]["median_ms"]
+              for base in results if base not in genfast_names for g in genfast_names}
+    return {"family": family.__name__.rsplit(".", 1)[-1], "case": case.name,
+            "params": dataclasses.asdict(case), "flops": case.flops, "results": results, "ratios": ratios}
+
+
+@contextlib.contextmanager
+def _pinned(backend: str | None) -> Iterator[None]:
+    """Pin genfast's backend, also for autograd's CUDA worker thread (use_backend is thread-local)."""
+    if backend is None:
+        yield
+        return
+    previous = os.environ.get("GENFAST_BACKEND")
+    os.environ["GENFAST_BACKEND"] = backend
+    try:
+        with genfast.use_backend(backend):
+            yield
+    finally:
+        if previous is None:
+            del os.environ["GENFAST_BACKEND"]
+        else:
+            os.environ["GENFAST_BACKEND"] = previous
