@@ -87,17 +87,9 @@ def _row(family, case, device: torch.device, config: timing.TimingConfig, flush_
 
 @contextlib.contextmanager
 def _pinned(backend: str | None) -> Iterator[None]:
-    """Pin genfast's backend, also for autograd's CUDA worker thread (use_backend is thread-local)."""
+    """Pin genfast's backend; None leaves the choice to genfast, as a user gets it."""
     if backend is None:
         yield
         return
-    previous = os.environ.get("GENFAST_BACKEND")
-    os.environ["GENFAST_BACKEND"] = backend
-    try:
-        with genfast.use_backend(backend):
-            yield
-    finally:
-        if previous is None:
-            del os.environ["GENFAST_BACKEND"]
-        else:
-            os.environ["GENFAST_BACKEND"] = previous
+    with genfast.use_backend(backend):
+        yield

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import importlib.util
 import os
-import threading
 import warnings
 from typing import Iterator
 
@@ -22,11 +21,15 @@ from genfast import _extension
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _DEFAULT_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
-_state = threading.local()
-# Outputs (rows x features) below which PyTorch's own ops beat the fused kernel on that device: its
-# fixed cost (custom-op dispatch and autograd in Python, ~40 us) exceeds the memory pass fusion saves.
-# Measured with `python -m benchmarks.crossover` (results in benchmarks/results/crossover-*.md).
-EAGER_BELOW: dict[tuple[str, str], int] = {("dense", "cpu"): 0}
+# Process-wide, not thread-local: autograd runs CUDA backward passes on its own worker threads, and
+# they must see the pin that was in force for the forward.
+_pinned: list[str] = []
+# Work (multiply-adds: rows x in x out) below which PyTorch's own ops are faster than the fused kernel on
+# that device, so an unpinned call runs them. On the CPU the GEMM adds the bias for free and the
+# kernel's one pass saves ~10 us, less than its fixed Python cost (~60 us per forward + backward);
+# below ~1e8 multiply-adds that cost shows (eager/kernel 0.64-0.93), above it the two are level within
+# this machine's noise. Measured with `python -m benchmarks.crossover` (benchmarks/results/crossover-*.md).
+EAGER_BELOW: dict[tuple[str, str], int] = {("dense", "cpu"): 1 << 27}
 _warned: set[tuple[str, str]] = set()
 
 
@@ -64,7 +67,7 @@ def why_unusable(name: str, device_type: str) -> str | None:
 
 
 def pinned_backend() -> str | None:
-    return getattr(_state, "pinned", None) or os.environ.get("GENFAST_BACKEND") or None
+    return _pinned[-1] if _pinned else os.environ.get("GENFAST_BACKEND") or None
 
 
 @contextlib.contextmanager
@@ -72,12 +75,11 @@ def use_backend(name: str) -> Iterator[None]:
     """Run every genfast op inside the block on backend `name` (raises at the op if it can't run)."""
     if name not in BACKENDS:
         raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {BACKENDS}")
-    previous = getattr(_state, "pinned", None)
-    _state.pinned = name
+    _pinned.append(name)
     try:
         yield
     finally:
-        _state.pinned = previous
+        _pinned.pop()
 
 
 def select(device: torch.device) -> str:
@@ -99,9 +101,9 @@ def select(device: torch.device) -> str:
     return "reference"
 
 
-def prefers_eager(family: str, device: torch.device, outputs: int) -> bool:
+def prefers_eager(family: str, device: torch.device, work: int) -> bool:
     """True when op `family` should run as plain PyTorch ops: unpinned and below the measured size."""
-    return pinned_backend() is None and outputs < EAGER_BELOW.get((family, device.type), 0)
+    return work < EAGER_BELOW.get((family, device.type), 0) and pinned_backend() is None
 
 
 def available_backends() -> list[str]:

@@ -92,3 +92,30 @@ def test_environment_variable_pins_the_backend(monkeypatch):
     require_backend("cpu", "cpu")
     assert select(x.device) == "cpu"
     assert os.environ.get("GENFAST_BACKEND") is None
+
+
+def test_small_unpinned_layers_run_as_pytorch_ops_and_large_ones_on_the_kernel(monkeypatch):
+    from genfast import backend
+
+    require_backend("cpu", "cpu")
+    calls = []
+    monkeypatch.setattr(backend, "kernel", lambda *a: calls.append(a) or backend._kernel(a[0], a[1], "cpu"))
+    x, w, b = inputs()
+    torch.testing.assert_close(genfast.fused_dense(x, w, b), reference.fused_dense(x, w, b))
+    assert calls == [], "a small unpinned layer must not pay the kernel's fixed cost"
+    monkeypatch.setitem(backend.EAGER_BELOW, ("dense", "cpu"), 0)
+    genfast.fused_dense(x, w, b)
+    assert calls and calls[0][:2] == ("dense", "forward")
+
+
+def test_a_pin_is_seen_by_other_threads_such_as_autograds_workers():
+    import threading
+
+    from genfast.backend import select
+
+    seen = []
+    with genfast.use_backend("reference"):
+        thread = threading.Thread(target=lambda: seen.append(select(torch.device("cpu"))))
+        thread.start()
+        thread.join()
+    assert seen == ["reference"]

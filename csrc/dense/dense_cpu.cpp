@@ -22,40 +22,23 @@ using at::vec::Vectorized;
 constexpr int64_t kChunk = 512;    // half/bf16 columns converted to float at a time (multiple of 8)
 constexpr int64_t kRowBlock = 64;  // rows per bias-gradient partial sum: fixed, never the thread count
 
-// Vectorized act_forward / act_derivative (activations.h holds the scalar definitions).
+// The activations this file computes itself, vectorized (activations.h holds the scalar math):
+// relu/leaky_relu forward, whose fused pass also writes the mask bits, and the derivatives that need
+// no transcendental function. gelu, gelu_tanh, silu, sigmoid and tanh themselves, and the derivatives
+// of gelu, gelu_tanh and silu, are ATen's own kernels (see dense_forward_cpu / dense_backward_cpu):
+// their wider vectors beat these AVX2 ones, and there is nothing left to fuse once the GEMM adds the bias.
 template <Act A, typename V>
 V vec_forward(V z, V slope) {
-  const V zero(0), one(1), half(0.5);
-  if constexpr (A == Act::Relu) return at::vec::clamp_min(z, zero);
-  else if constexpr (A == Act::LeakyRelu) return V::blendv(z * slope, z, z > zero);
-  else if constexpr (A == Act::Gelu) return half * z * (one + (z * V(M_SQRT1_2)).erf());
-  else if constexpr (A == Act::GeluTanh)
-    return half * z * (one + (V(0.79788456080286535588) * (z + V(0.044715) * z * z * z)).tanh());
-  else if constexpr (A == Act::Silu) return z / (one + z.neg().exp());
-  else if constexpr (A == Act::Sigmoid) return one / (one + z.neg().exp());
-  else if constexpr (A == Act::Tanh) return z.tanh();
-  else return z;
+  static_assert(A == Act::Relu || A == Act::LeakyRelu, "other activations run through ATen");
+  if constexpr (A == Act::Relu) return at::vec::clamp_min(z, V(0));
+  else return V::blendv(z * slope, z, z > V(0));
 }
 
 template <Act A, typename V>
-V vec_derivative(V s) {  // s is z (Preact) or y (Output)
-  const V one(1), half(0.5);
-  if constexpr (A == Act::Gelu) {
-    return half * (one + (s * V(M_SQRT1_2)).erf()) + s * (half.neg() * s * s).exp() * V(0.39894228040143267794);
-  } else if constexpr (A == Act::GeluTanh) {
-    const V k(0.79788456080286535588), c(0.044715);
-    const V t = (k * (s + c * s * s * s)).tanh();
-    return half * (one + t) + half * s * (one - t * t) * k * (one + V(3) * c * s * s);
-  } else if constexpr (A == Act::Silu) {
-    const V sig = one / (one + s.neg().exp());
-    return sig * (one + s * (one - sig));
-  } else if constexpr (A == Act::Sigmoid) {
-    return s * (one - s);
-  } else if constexpr (A == Act::Tanh) {
-    return one - s * s;
-  } else {
-    return one;
-  }
+V vec_derivative(V y) {  // from the output y
+  static_assert(A == Act::Sigmoid || A == Act::Tanh, "other derivatives come from the mask or ATen");
+  if constexpr (A == Act::Sigmoid) return y * (V(1) - y);
+  else return V(1) - y * y;
 }
 
 // Bit t of the result is set where lane t of z is > 0 (NaN is not).
@@ -130,10 +113,22 @@ void backward_row(const acc_t* g, const acc_t* s, const uint8_t* mask, acc_t* dz
     const int64_t len = std::min<int64_t>(V::size(), n - j);
     V d = V::loadu(g + j, len);
     if constexpr (saves_of(A) == Saves::Mask) d = d * mask_factor<acc_t>(mask, j, masked);
-    if constexpr (saves_of(A) == Saves::Preact || saves_of(A) == Saves::Output)
-      d = d * vec_derivative<A>(V::loadu(s + j, len));
+    if constexpr (saves_of(A) == Saves::Output) d = d * vec_derivative<A>(V::loadu(s + j, len));
     if (dz) d.store(dz + j, len);
     if (partial) (V::loadu(partial + j, len) + d).store(partial + j, len);
+  }
+}
+
+// dispatch_act for the activations this file's passes handle (see vec_forward / vec_derivative).
+template <typename F>
+void dispatch_fused(Act a, F&& f) {
+  switch (a) {
+    case Act::Relu: return f(ActTag<Act::Relu>{});
+    case Act::LeakyRelu: return f(ActTag<Act::LeakyRelu>{});
+    case Act::Sigmoid: return f(ActTag<Act::Sigmoid>{});
+    case Act::Tanh: return f(ActTag<Act::Tanh>{});
+    case Act::None: return f(ActTag<Act::None>{});
+    default: TORCH_CHECK(false, "genfast dense cpu: activation ", int(a), " has no fused pass here");
   }
 }
 
@@ -146,9 +141,9 @@ void forward_epilogue(at::Tensor& z, at::Tensor& y, at::Tensor& aux, Act act, do
   scalar_t* yp = y.data_ptr<scalar_t>();
   uint8_t* mask = saves == Saves::Mask ? aux.data_ptr<uint8_t>() : nullptr;
   const acc_t s = static_cast<acc_t>(slope);
-  dispatch_act(act, [&](auto tag) {
+  dispatch_fused(act, [&](auto tag) {
     constexpr Act A = decltype(tag)::value;
-    at::parallel_for(0, m, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+    if constexpr (saves_of(A) == Saves::Mask) at::parallel_for(0, m, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* zr = zp + i * n;
         uint8_t* mr = mask ? mask + i * row_bytes : nullptr;
@@ -179,10 +174,10 @@ void backward_epilogue(const at::Tensor& grad_y, const at::Tensor& saved, at::Te
   const scalar_t* gp = grad_y.data_ptr<scalar_t>();
   const Saves saves = saves_of(act);
   const uint8_t* mask = saves == Saves::Mask ? saved.data_ptr<uint8_t>() : nullptr;
-  const scalar_t* sp = saves == Saves::Preact || saves == Saves::Output ? saved.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* sp = saves == Saves::Output ? saved.data_ptr<scalar_t>() : nullptr;
   scalar_t* dp = dz ? dz->data_ptr<scalar_t>() : nullptr;
   const acc_t s = static_cast<acc_t>(slope);
-  dispatch_act(act, [&](auto tag) {
+  dispatch_fused(act, [&](auto tag) {
     constexpr Act A = decltype(tag)::value;
     at::parallel_for(0, blocks, 1, [&](int64_t bbegin, int64_t bend) {
       for (int64_t blk = bbegin; blk < bend; ++blk) {
@@ -248,13 +243,25 @@ std::vector<at::Tensor> dense_forward_cpu(const at::Tensor& x, const at::Tensor&
   // costs the GEMM nothing, and z is rounded once. The epilogue is then the activation's one pass.
   at::Tensor z = b.defined() ? at::addmm(b, x, weight.t()) : at::mm(x, weight.t());  // fresh, contiguous
   const Saves saves = saves_of(a);
-  at::Tensor y = saves == Saves::Preact ? at::empty_like(z) : z;
-  at::Tensor aux = saves == Saves::Mask     ? at::empty({m, mask_row_bytes(n)}, x.options().dtype(at::kByte))
-                   : saves == Saves::Preact ? z
-                                            : at::empty({0}, x.options());
-  if (m > 0 && n > 0 && a != Act::None) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_forward_cpu",
-                                    [&] { forward_epilogue<scalar_t>(z, y, aux, a, slope); });
+  at::Tensor y = z, aux = at::empty({0}, x.options());
+  if (m == 0 || n == 0) {
+    if (saves == Saves::Mask) aux = at::zeros({m, mask_row_bytes(n)}, x.options().dtype(at::kByte));
+    if (saves == Saves::Preact) aux = z, y = z.clone();
+    return {y, aux};
+  }
+  switch (a) {
+    case Act::Relu:
+    case Act::LeakyRelu:
+      aux = at::empty({m, mask_row_bytes(n)}, x.options().dtype(at::kByte));
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_forward_cpu",
+                                      [&] { forward_epilogue<scalar_t>(z, y, aux, a, slope); });
+      break;
+    case Act::Sigmoid: z.sigmoid_(); break;  // backward needs y only: in place
+    case Act::Tanh: z.tanh_(); break;
+    case Act::Gelu: aux = z, y = at::gelu(z); break;  // backward needs z: kept as aux
+    case Act::GeluTanh: aux = z, y = at::gelu(z, "tanh"); break;
+    case Act::Silu: aux = z, y = at::silu(z); break;
+    default: break;
   }
   return {y, aux};
 }
@@ -272,13 +279,20 @@ std::vector<at::Tensor> dense_backward_cpu(const at::Tensor& grad_y, const at::T
   if (saves == Saves::Mask) CHECK_SHAPE(saved, m, mask_row_bytes(n));
   if (saves == Saves::Preact || saves == Saves::Output) CHECK_SHAPE(saved, m, n);
   const at::Tensor savedc = saved.contiguous();
-  at::Tensor dz = saves == Saves::None ? g : at::empty_like(g);  // dz is grad_y itself for "none"
-  at::Tensor grad_b = need_b ? at::zeros({n}, x.options()) : at::Tensor();
-  if (m > 0 && n > 0 && (saves != Saves::None || need_b)) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_backward_cpu", [&] {
-      backward_epilogue<scalar_t>(g, savedc, saves == Saves::None ? nullptr : &dz, need_b ? &grad_b : nullptr, a,
-                                  slope);
-    });
+  at::Tensor dz, grad_b = need_b ? at::zeros({n}, x.options()) : at::Tensor();
+  if (saves == Saves::Preact) {
+    // The derivative needs erf/exp/tanh: ATen's kernels, then the bias reduction (two passes that,
+    // measured, beat one pass with this file's narrower vectors).
+    dz = a == Act::Silu ? at::silu_backward(g, savedc) : at::gelu_backward(g, savedc, a == Act::GeluTanh ? "tanh" : "none");
+    if (need_b && m > 0) grad_b = dz.sum(0);
+  } else {
+    dz = saves == Saves::None ? g : at::empty_like(g);  // dz is grad_y itself for "none"
+    if (m > 0 && n > 0 && (saves != Saves::None || need_b)) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_backward_cpu", [&] {
+        backward_epilogue<scalar_t>(g, savedc, saves == Saves::None ? nullptr : &dz, need_b ? &grad_b : nullptr, a,
+                                    slope);
+      });
+    }
   }
   const at::Tensor empty = at::empty({0}, x.options());
   return {need_x ? at::mm(dz, weight) : empty, need_w ? at::mm(dz.t(), x) : empty, need_b ? grad_b : empty};

@@ -130,7 +130,7 @@ def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activatio
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     check_same(("x", "weight", "bias"), (x, weight, bias))
-    if backend.prefers_eager("dense", x.device, x.numel() // max(x.shape[-1], 1) * weight.shape[0]):
+    if backend.prefers_eager("dense", x.device, x.numel() * weight.shape[0]):
         return reference.fused_dense(x, weight, bias, act.name, negative_slope)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
