@@ -119,3 +119,18 @@ def test_a_pin_is_seen_by_other_threads_such_as_autograds_workers():
         thread.start()
         thread.join()
     assert seen == ["reference"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("act", ["relu", "gelu", "sigmoid", "leaky_relu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_nan_propagates_like_eager(backend, act, dtype):
+    """cuBLASLt's RELU epilogue is reported to turn NaN into 0; torch.relu keeps NaN."""
+    require_backend(backend, "cuda")
+    x, w, b = (t.to("cuda", dtype) for t in inputs(n_in=16, n_out=136))
+    x[1, 2] = float("nan")
+    with genfast.use_backend(backend):
+        y = genfast.fused_dense(x, w, b, activation=act)
+    assert y[1].isnan().all(), "a NaN input must give NaN outputs in its row"
+    assert not y[[0, 2, 3]].isnan().any()
