@@ -64,7 +64,8 @@ def write(result: dict, out: Path) -> None:
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# fused_dense kernel vs eager, forward+backward, relu fp32: {header['device']}", "",
              f"commit {header['git']['commit']}, {header['date']}, torch {header['torch']}", "",
-             "| batch | in | out | multiply-adds | kernel ms | eager ms | eager/kernel |", "|---|---|---|---|---|---|---|"]
+             "| batch | in | out | multiply-adds | kernel ms | eager ms | eager/kernel |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['in']} | {r['out']} | {r['batch'] * r['in'] * r['out']:.3g} | "
               f"{r['kernel_ms']:.4g} | {r['eager_ms']:.4g} | {r['eager_over_kernel']:.2f} |" for r in result["rows"]]
     lines += ["", f"Kernel within {1 - NOISE:.0%} of eager (or faster) at every measured shape above "

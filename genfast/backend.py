@@ -3,7 +3,8 @@
 From the tensor's device, what was built, and the pinned backend (``use_backend`` or the
 ``GENFAST_BACKEND`` environment variable). Unpinned, a CUDA tensor goes to ``cuda`` then ``triton``
 then ``reference``, a CPU tensor to ``cpu`` then ``reference``; falling back past a missing backend
-warns once. A pinned backend that cannot run raises.
+warns once. A pinned backend that cannot run raises. Unpinned calls on layers smaller than the
+measured EAGER_BELOW run as PyTorch's own ops, which are faster there.
 """
 
 from __future__ import annotations
