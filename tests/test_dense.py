@@ -23,6 +23,15 @@ TRITON_SHAPES = [(1, 1, 1), (7, 100, 7), (100, 7, 130)]
 GPU_SHAPES = CPU_SHAPES + [(4096, 1024, 784)]
 
 
+@pytest.fixture(autouse=True)
+def _ieee_fp32_matmuls():
+    """fp32 GEMMs in full precision on the GPU (TF32 is a different dtype for the tolerance rule)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def make_inputs(batch, n_in, n_out, dtype, device, bias=True, leading=()):
     x = torch.randn(*leading, batch, n_in, dtype=torch.float64, device=device)
     w = torch.randn(n_out, n_in, dtype=torch.float64, device=device) / math.sqrt(n_in)
@@ -132,7 +141,6 @@ def test_opcheck(backend, act):
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_gpu_backends_match_reference(backend, shape, act, dtype):
     require_backend(backend, "cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
     check_against_reference(backend, *make_inputs(*shape, dtype, "cuda", bias=shape[0] != 7), act)
 
 
@@ -142,7 +150,6 @@ def test_gpu_backends_match_reference(backend, shape, act, dtype):
 def test_gpu_saved_tensors_match_the_cpu_layout(backend, act):
     require_backend(backend, "cuda")
     x, w, b = make_inputs(33, 100, 130, torch.float32, "cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
     with genfast.use_backend(backend):
         _, aux = torch.ops.genfast.fused_dense(x, w, b, ACTIVATIONS[act].code, SLOPE)
     _, expected = reference.dense_forward(x.double(), w.double(), b.double(), ACTIVATIONS[act].code, SLOPE)
@@ -188,7 +195,6 @@ def test_gpu_mask_bytes_equal_the_cpu_backend(backend, n_out, bias):
     """cuBLASLt's RELU_AUX bit order, the z > 0 convention and the zero padding, byte for byte."""
     require_backend(backend, "cuda")
     require_backend("cpu", "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = False
     # Small integers: z is exact in fp32 on every backend, so the masks must be identical.
     x = torch.randint(-3, 4, (37, 16)).float()
     w = torch.randint(-3, 4, (n_out, 16)).float()
