@@ -18,13 +18,15 @@ def check_tensor(name: str, value: object, dtypes=FLOAT_DTYPES) -> Tensor:
 
 def check_same(names: tuple[str, ...], tensors: tuple[Tensor | None, ...]) -> None:
     """Same dtype and device for every tensor given (None entries are skipped)."""
-    present = [(n, t) for n, t in zip(names, tensors) if t is not None]
-    first_name, first = present[0]
-    for name, t in present[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}")
+    first = tensors[0]
+    device, dtype = first.device, first.dtype
+    for name, t in zip(names[1:], tensors[1:]):
+        if t is None:
+            continue
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {names[0]} is on {device}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {names[0]} has dtype {dtype}")
 
 
 def check_shape(name: str, tensor: Tensor, expected: tuple[int, ...]) -> None:

@@ -125,12 +125,13 @@ def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activatio
     """
     act = get_activation(activation)
     _check_inputs(x, weight, bias)
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    device = x.device
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     check_same(("x", "weight", "bias"), (x, weight, bias))
-    if backend.prefers_eager("dense", x.device, x.numel() * weight.shape[0]):
+    if backend.prefers_eager("dense", device, x.numel() * weight.shape[0]):
         return reference.fused_dense(x, weight, bias, act.name, negative_slope)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
