@@ -1,8 +1,9 @@
 // CPU backend of the fused dense layer (contract and math in dense.h).
 // The GEMM, bias included, goes through ATen (MKL/oneDNN). The epilogue, activation + mask bits, is
 // one vectorized pass over the GEMM's output, row by row (in place unless z must be kept).
-// Backward computes dz = grad_y * act'(saved) and the bias gradient in one pass, then the two GEMMs
-// through ATen. Rows are summed in fixed blocks, so the bias gradient never depends on the threads.
+// Backward computes dz = grad_y * act'(saved) and the bias gradient in one pass (mask, sigmoid, tanh,
+// none; rows summed in fixed blocks, so the bias gradient never depends on the threads), or through
+// ATen's gelu/silu backward and a sum; then the two GEMMs through ATen.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

@@ -95,7 +95,7 @@ class _EagerFusedDense(torch.autograd.Function):
 
 
 def _check_inputs(x, weight, bias) -> None:
-    """Raise a clear error naming the argument; the fast test first, the messages only on failure."""
+    """Raise a clear error naming the argument before any kernel runs."""
     check_tensor("x", x)
     check_tensor("weight", weight)
     if bias is not None:
