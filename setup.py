@@ -61,7 +61,7 @@ def extension():
     cuda = want_cuda()
     debug = os.environ.get("GENFAST_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = ["csrc/genfast.cpp"] + sorted(glob.glob("csrc/*/*_cpu.cpp"))
+    sources = ["csrc/genfast.cpp"] + sorted(glob.glob("csrc/*/*.cpp"))
     macros = [("GENFAST_TORCH_VERSION", f'"{torch.__version__}"')]
     args = {"cxx": opt + cpu_vector_flags()}  # the -std flag is PyTorch's choice (C++17 or C++20)
     if not cuda:

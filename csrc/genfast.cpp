@@ -51,6 +51,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("activation_codes", &activation_codes);
   m.def("dense_forward_cpu", &genfast::dense_forward_cpu);
   m.def("dense_backward_cpu", &genfast::dense_backward_cpu);
+  m.def("dense_eager", &genfast::dense_eager);
 #ifdef GENFAST_WITH_CUDA
   m.def("dense_forward_cuda", &genfast::dense_forward_cuda);
   m.def("dense_backward_cuda", &genfast::dense_backward_cuda);

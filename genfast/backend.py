@@ -3,8 +3,7 @@
 From the tensor's device, what was built, and the pinned backend (``use_backend`` or the
 ``GENFAST_BACKEND`` environment variable). Unpinned, a CUDA tensor goes to ``cuda`` then ``triton``
 then ``reference``, a CPU tensor to ``cpu`` then ``reference``; falling back past a missing backend
-warns once. A pinned backend that cannot run raises. Unpinned calls on layers smaller than the
-measured EAGER_BELOW run as PyTorch's own ops, which are faster there.
+warns once. A pinned backend that cannot run raises.
 """
 
 from __future__ import annotations
@@ -25,14 +24,6 @@ _DEFAULT_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "refer
 # Process-wide, not thread-local: autograd runs CUDA backward passes on its own worker threads, and
 # they must see the pin that was in force for the forward.
 _pinned: list[str] = []
-# Work (multiply-adds: rows x in x out) below which PyTorch's own ops are faster than the fused kernel on
-# that device, so an unpinned call runs them. On the CPU the GEMM adds the bias for free and the
-# kernel's one pass saves ~10 us, less than its fixed Python cost (~60 us per forward + backward):
-# below 8.2e8 multiply-adds eager is measurably faster (eager/kernel 0.71-0.96), above it the two are
-# level within this machine's noise (0.98-0.99) and the kernel keeps 1 bit instead of y for relu.
-# Measured with `python -m benchmarks.crossover` (benchmarks/results/crossover-*.md).
-EAGER_BELOW: dict[tuple[str, str], int] = {("dense", "cpu"): 1 << 30}
-_warned: set[tuple[str, str]] = set()
 
 
 def triton_version() -> str | None:
@@ -92,20 +83,19 @@ def select(device: torch.device) -> str:
         if reason is not None:
             raise RuntimeError(f"genfast backend {pinned!r} was pinned but cannot run: {reason}")
         return pinned
-    order = _DEFAULT_ORDER.get(device.type, ("reference",))
-    for name in order:
-        reason = why_unusable(name, device.type)
+    return _default_backend(device.type)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_backend(device_type: str) -> str:
+    """The first usable backend of the device's order (cached: what was built does not change at run
+    time, and so each fallback warns once)."""
+    for name in _DEFAULT_ORDER.get(device_type, ("reference",)):
+        reason = why_unusable(name, device_type)
         if reason is None:
             return name
-        if (name, device.type) not in _warned:
-            _warned.add((name, device.type))
-            warnings.warn(f"genfast: backend {name!r} unavailable ({reason}); falling back", stacklevel=3)
+        warnings.warn(f"genfast: backend {name!r} unavailable ({reason}); falling back", stacklevel=4)
     return "reference"
-
-
-def prefers_eager(family: str, device: torch.device, work: int) -> bool:
-    """True when op `family` should run as plain PyTorch ops: unpinned and below the measured size."""
-    return work < EAGER_BELOW.get((family, device.type), 0) and pinned_backend() is None
 
 
 def available_backends() -> list[str]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,6 +90,35 @@ def test_three_dimensional_and_non_contiguous_input(backend, act):
     strided = wide[:, ::2, :].transpose(1, 2)  # (3, 7, 100), neither row- nor column-contiguous
     assert not strided.is_contiguous()
     check_against_reference(backend, strided, w, b, act)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("act", ACTS)
+def test_eager_autograd_saves_only_x_weight_and_the_minimal_aux(backend, act):
+    """What the eager path (C++ node for cpu, Python Function for triton) keeps alive for backward."""
+    require_backend(backend, "cpu")
+    x, w, b = (t.requires_grad_() for t in make_inputs(7, 100, 130, torch.float32, "cpu"))
+    saved = []
+    with genfast.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        genfast.fused_dense(x, w, b, activation=act)
+    expected_aux = {"mask": ((7, 32), torch.uint8), "preact": ((7, 130), torch.float32),
+                    "output": ((7, 130), torch.float32), "none": ((0,), torch.float32)}[ACTIVATIONS[act].saves]
+    assert saved == [((7, 100), torch.float32), ((130, 100), torch.float32), expected_aux]
+
+
+def test_cpu_kernels_without_avx512_match_reference():
+    """The 8-lane (AVX2) relu/leaky_relu passes, which CPUs without AVX-512 run, in a child process."""
+    require_backend("cpu", "cpu")
+    code = ("import torch; from tests.test_dense import check_against_reference, make_inputs\n"
+            "assert torch.backends.cpu.get_cpu_capability() == 'AVX2'\n"
+            "for shape in [(1, 1, 1), (7, 100, 7), (100, 784, 1000), (1031, 7, 100)]:\n"
+            "    for act in ('relu', 'leaky_relu'):\n"
+            "        for dtype in (torch.float32, torch.bfloat16):\n"
+            "            check_against_reference('cpu', *make_inputs(*shape, dtype, 'cpu'), act)\n")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

@@ -29,11 +29,19 @@ def inputs(batch=4, n_in=6, n_out=5, dtype=torch.float32):
         (lambda x, w, b: (x, w[None], b), ValueError, "weight: expected 2 dimensions"),
         (lambda x, w, b: (x, w, b[:3]), ValueError, "bias: expected shape (5,)"),
         (lambda x, w, b: (x.numpy(), w, b), TypeError, "x: expected a torch.Tensor, got ndarray"),
+        (lambda x, w, b: (x, w.numpy(), b), TypeError, "weight: expected a torch.Tensor, got ndarray"),
+        (lambda x, w, b: (x, w, [1.0] * 5), TypeError, "bias: expected a torch.Tensor, got list"),
+        (lambda x, w, b: (x[0, 0], w, b), ValueError, "x: expected shape (..., 6)"),
+        (lambda x, w, b: (x.view(2, 2, 6).transpose(0, 2), w, b), ValueError, "x: expected shape (..., 6)"),
     ],
 )
-def test_bad_input_raises_a_clear_error(change, error, words):
-    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        genfast.fused_dense(*change(*inputs()), activation="relu")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_raises_a_clear_error(backend, change, error, words):
+    """The C++ eager entry (cpu) and the Python layer (reference, triton) check alike."""
+    require_backend(backend, "cpu")
+    with genfast.use_backend(backend):
+        with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+            genfast.fused_dense(*change(*inputs()), activation="relu")
 
 
 def test_unknown_activation():
@@ -94,18 +102,19 @@ def test_environment_variable_pins_the_backend(monkeypatch):
     assert os.environ.get("GENFAST_BACKEND") is None
 
 
-def test_small_unpinned_layers_run_as_pytorch_ops_and_large_ones_on_the_kernel(monkeypatch):
-    from genfast import backend
+def test_eager_calls_on_the_compiled_backends_take_the_cpp_entry_and_others_the_python_layer(monkeypatch):
+    from genfast import _extension
 
     require_backend("cpu", "cpu")
     calls = []
-    monkeypatch.setattr(backend, "kernel", lambda *a: calls.append(a) or backend._kernel(a[0], a[1], "cpu"))
+    entry = _extension._C.dense_eager
+    monkeypatch.setattr(_extension._C, "dense_eager", lambda *a: calls.append(a) or entry(*a))
     x, w, b = inputs()
     torch.testing.assert_close(genfast.fused_dense(x, w, b), reference.fused_dense(x, w, b))
-    assert calls == [], "a small unpinned layer must not pay the kernel's fixed cost"
-    monkeypatch.setitem(backend.EAGER_BELOW, ("dense", "cpu"), 0)
-    genfast.fused_dense(x, w, b)
-    assert calls and calls[0][:2] == ("dense", "forward")
+    assert len(calls) == 1, "an unpinned CPU call must run the C++ eager entry"
+    with genfast.use_backend("reference"):
+        genfast.fused_dense(x, w, b)
+    assert len(calls) == 1, "a call pinned to reference must not"
 
 
 def test_a_pin_is_seen_by_other_threads_such_as_autograds_workers():

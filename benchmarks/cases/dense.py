@@ -115,8 +115,7 @@ def contenders(case: DenseCase, device: torch.device) -> dict[str, Contender]:
     """genfast on each backend of `device`, eager and torch.compile, all on the same inputs."""
     setup = _setup(case.batch, case.in_features, case.out_features, case.activation, case.dtype, device)
     step = functools.partial(make_step, inputs=setup.inputs, grad_output=setup.grad_output, mode=case.mode)
-    # genfast:auto is what a user gets (genfast picks the path, PyTorch's own ops for small layers);
-    # genfast:<backend> pins that backend's kernel.
+    # genfast:auto is what a user gets (the backend genfast picks); genfast:<backend> pins that backend.
     result = {"genfast:auto": Contender(functools.partial(step, _genfast(case.activation)))}
     result.update({f"genfast:{b}": Contender(functools.partial(step, _genfast(case.activation)), b)
                    for b in genfast_backends(device)})

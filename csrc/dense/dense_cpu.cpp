@@ -6,10 +6,12 @@
 // ATen's gelu/silu backward and a sum; then the two GEMMs through ATen.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #include "common/activations.h"
@@ -78,29 +80,80 @@ Vectorized<float> mask_factor<float>(const uint8_t* row, int64_t first, float ot
 }
 #endif
 
-// One row of the forward epilogue in the math type: mask bits of z > 0 (if mask is given; the row's
-// bytes, padding included, are all written) and y = act(z). y may be z (in place).
+#if defined(__x86_64__) && defined(__GNUC__)
+// fp32 relu/leaky_relu rows in AVX-512, used where ATen itself runs AVX-512 (at::get_cpu_capability,
+// which honours ATEN_CPU_CAPABILITY): there eager's relu has 16 lanes, and the 8-lane pass above
+// would lose to it. The compare yields the 16 mask bits of a vector directly. Lanes past n load as 0
+// (bit clear); NaN compares false, and max(0, NaN) / NaN * slope keep the NaN, as eager does.
+bool use_avx512() {
+  static const bool yes = at::get_cpu_capability() == "AVX512";
+  return yes;
+}
+
+__attribute__((target("avx512f"))) void relu_row_avx512(const float* z, uint8_t* mask, int64_t mask_bytes, float* y,
+                                                        int64_t n, float slope, bool leaky) {
+  const __m512 zero = _mm512_setzero_ps(), vslope = _mm512_set1_ps(slope);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(lanes, z + j);
+    const __mmask16 positive = _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
+    const __m512 out = leaky ? _mm512_mask_mov_ps(_mm512_mul_ps(v, vslope), positive, v) : _mm512_max_ps(zero, v);
+    _mm512_mask_storeu_ps(y + j, lanes, out);
+    const uint16_t bits = positive;
+    std::memcpy(mask + j / 8, &bits, std::min<int64_t>(2, (n - j + 7) / 8));  // little-endian: bit k = lane k
+  }
+  std::fill(mask + (n + 7) / 8, mask + mask_bytes, uint8_t(0));
+}
+
+// dz = g where the mask bit is set, else 0 (relu) or slope * g (leaky_relu); added to partial if given.
+__attribute__((target("avx512f"))) void relu_grad_row_avx512(const float* g, const uint8_t* mask, float* dz,
+                                                             float* partial, int64_t n, float slope, bool leaky) {
+  const __m512 vslope = _mm512_set1_ps(slope);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    uint16_t bits = 0;
+    std::memcpy(&bits, mask + j / 8, std::min<int64_t>(2, (n - j + 7) / 8));
+    const __m512 d = _mm512_maskz_loadu_ps(lanes, g + j);
+    const __m512 out = leaky ? _mm512_mask_mov_ps(_mm512_mul_ps(d, vslope), bits, d) : _mm512_maskz_mov_ps(bits, d);
+    if (dz) _mm512_mask_storeu_ps(dz + j, lanes, out);
+    if (partial) _mm512_mask_storeu_ps(partial + j, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, partial + j), out));
+  }
+}
+#else
+bool use_avx512() { return false; }
+void relu_row_avx512(const float*, uint8_t*, int64_t, float*, int64_t, float, bool) {}
+void relu_grad_row_avx512(const float*, const uint8_t*, float*, float*, int64_t, float, bool) {}
+#endif
+
+// One row of the forward epilogue of relu/leaky_relu in the math type: the mask bits of z > 0 (all the
+// row's bytes, padding included, are written) and y = act(z). y may be z (in place).
 template <Act A, typename acc_t>
 void forward_row(const acc_t* z_in, uint8_t* mask, int64_t mask_bytes, acc_t* y, int64_t n, acc_t slope) {
   using V = Vectorized<acc_t>;
-  static_assert(8 % V::size() == 0 || V::size() % 8 == 0, "mask bytes must align with vectors");
+  static_assert(8 % V::size() == 0, "a mask byte must hold whole vectors");
+  constexpr int64_t lanes = V::size();
   const V vslope(slope);
-  uint64_t pending = 0;  // mask bits not yet written (fewer than 8 when V::size() < 8)
-  int pending_count = 0;
-  for (int64_t j = 0; j < n; j += V::size()) {
-    const int64_t len = std::min<int64_t>(V::size(), n - j);
-    const V z = V::loadu(z_in + j, len);
-    if (mask) {
-      pending |= uint64_t(positive_bits(z) & ((1u << len) - 1)) << pending_count;  // tail lanes: 0
-      pending_count += V::size();
-      for (; pending_count >= 8; pending_count -= 8, pending >>= 8) *mask++ = uint8_t(pending), --mask_bytes;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {  // whole mask bytes of full vectors: the hot loop
+    uint32_t bits = 0;
+    for (int64_t k = 0; k < 8; k += lanes) {
+      const V z = V::loadu(z_in + j + k);
+      bits |= positive_bits(z) << k;
+      vec_forward<A>(z, vslope).store(y + j + k);
     }
-    vec_forward<A>(z, vslope).store(y + j, len);
+    mask[j / 8] = uint8_t(bits);
   }
-  if (mask) {
-    if (pending_count > 0) *mask++ = uint8_t(pending), --mask_bytes;
-    std::fill(mask, mask + mask_bytes, uint8_t(0));  // padding is part of the layout: zero it
+  if (j < n) {  // the last, partial byte: lanes past n are 0 (loadu pads with zeros)
+    uint32_t bits = 0;
+    for (int64_t k = j; k < n; k += lanes) {
+      const int64_t len = std::min<int64_t>(lanes, n - k);
+      const V z = V::loadu(z_in + k, len);
+      bits |= (positive_bits(z) & ((1u << len) - 1)) << (k - j);
+      vec_forward<A>(z, vslope).store(y + k, len);
+    }
+    mask[j / 8] = uint8_t(bits);
   }
+  std::fill(mask + (n + 7) / 8, mask + mask_bytes, uint8_t(0));  // padding is part of the layout: zero it
 }
 
 // One row of the backward epilogue in the math type: dz = g * act'(saved) (mask bits or s),
@@ -137,18 +190,21 @@ template <typename scalar_t>
 void forward_epilogue(at::Tensor& z, at::Tensor& y, at::Tensor& aux, Act act, double slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t m = z.size(0), n = z.size(1), row_bytes = mask_row_bytes(n);
-  const Saves saves = saves_of(act);
   scalar_t* zp = z.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
-  uint8_t* mask = saves == Saves::Mask ? aux.data_ptr<uint8_t>() : nullptr;
+  uint8_t* mask = aux.data_ptr<uint8_t>();  // relu/leaky_relu only: they save mask bits
   const acc_t s = static_cast<acc_t>(slope);
+  const bool avx512 = use_avx512();
   dispatch_fused(act, [&](auto tag) {
     constexpr Act A = decltype(tag)::value;
     if constexpr (saves_of(A) == Saves::Mask) at::parallel_for(0, m, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* zr = zp + i * n;
-        uint8_t* mr = mask ? mask + i * row_bytes : nullptr;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        uint8_t* mr = mask + i * row_bytes;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (avx512) relu_row_avx512(zr, mr, row_bytes, yp + i * n, n, s, A == Act::LeakyRelu);
+          else forward_row<A>(zr, mr, row_bytes, yp + i * n, n, s);
+        } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
           forward_row<A>(zr, mr, row_bytes, yp + i * n, n, s);
         } else {  // half/bfloat16: convert chunk by chunk
           acc_t buf[kChunk];
@@ -156,7 +212,7 @@ void forward_epilogue(at::Tensor& z, at::Tensor& y, at::Tensor& aux, Act act, do
             const int64_t len = std::min(kChunk, n - j0);
             at::vec::convert(zr + j0, buf, len);
             const int64_t bytes = j0 + len < n ? len / 8 : row_bytes - j0 / 8;
-            forward_row<A>(buf, mr ? mr + j0 / 8 : nullptr, bytes, buf, len, s);
+            forward_row<A>(buf, mr + j0 / 8, bytes, buf, len, s);
             at::vec::convert(buf, yp + i * n + j0, len);
           }
         }
@@ -178,6 +234,7 @@ void backward_epilogue(const at::Tensor& grad_y, const at::Tensor& saved, at::Te
   const scalar_t* sp = saves == Saves::Output ? saved.data_ptr<scalar_t>() : nullptr;
   scalar_t* dp = dz ? dz->data_ptr<scalar_t>() : nullptr;
   const acc_t s = static_cast<acc_t>(slope);
+  const bool avx512 = use_avx512();
   dispatch_fused(act, [&](auto tag) {
     constexpr Act A = decltype(tag)::value;
     at::parallel_for(0, blocks, 1, [&](int64_t bbegin, int64_t bend) {
@@ -185,7 +242,10 @@ void backward_epilogue(const at::Tensor& grad_y, const at::Tensor& saved, at::Te
         acc_t* part = grad_b ? partial.data() + blk * n : nullptr;
         for (int64_t i = blk * kRowBlock; i < std::min(m, (blk + 1) * kRowBlock); ++i) {
           const uint8_t* mr = mask ? mask + i * row_bytes : nullptr;
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if constexpr (std::is_same_v<scalar_t, float> && saves_of(A) == Saves::Mask) {
+            if (avx512) relu_grad_row_avx512(gp + i * n, mr, dp ? dp + i * n : nullptr, part, n, s, A == Act::LeakyRelu);
+            else backward_row<A>(gp + i * n, sp, mr, dp ? dp + i * n : nullptr, part, n, s);
+          } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
             backward_row<A>(gp + i * n, sp ? sp + i * n : nullptr, mr, dp ? dp + i * n : nullptr, part, n, s);
           } else {  // half/bfloat16: sum dz as stored (rounded), as eager's sum of the dz tensor would
             acc_t g[kChunk], sv[kChunk];

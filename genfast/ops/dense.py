@@ -9,12 +9,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from genfast import backend, reference
+from genfast import _extension, backend
 from genfast.activations import ACTIVATIONS, get_activation
 from genfast.ops._checks import check_same, check_shape, check_tensor
 from genfast.reference import mask_row_bytes
 
 _SAVES = {a.code: a.saves for a in ACTIVATIONS.values()}
+# Backends whose eager calls go through genfast._C.dense_eager (a C++ autograd node, see
+# csrc/dense/dense_autograd.cpp) rather than _EagerFusedDense.
+_COMPILED = ("cpu", "cuda")
 
 
 @torch.library.custom_op("genfast::fused_dense", mutates_args=())
@@ -109,6 +112,13 @@ def _check_inputs(x, weight, bias) -> None:
         check_shape("bias", bias, (weight.shape[0],))
 
 
+def _takes_cpp_entry(x, weight, bias) -> bool:
+    """Eager call on a compiled backend: the C++ entry checks the tensors (anything else, and every
+    other path, is checked here in Python, so non-tensors get the same clear errors)."""
+    return (isinstance(x, Tensor) and isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))
+            and backend.select(x.device) in _COMPILED and not torch.compiler.is_compiling())
+
+
 def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "relu",
                 negative_slope: float = 0.01) -> Tensor:
     """y = act(x @ weight^T + bias) in one fused op, forward and backward.
@@ -124,6 +134,8 @@ def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activatio
         (..., out_features) in x's dtype (the autocast dtype under autocast).
     """
     act = get_activation(activation)
+    if _takes_cpp_entry(x, weight, bias):
+        return _extension._C.dense_eager(x, weight, bias, act.code, float(negative_slope))
     _check_inputs(x, weight, bias)
     device = x.device
     if torch.is_autocast_enabled(device.type):
@@ -131,8 +143,6 @@ def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activatio
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     check_same(("x", "weight", "bias"), (x, weight, bias))
-    if backend.prefers_eager("dense", device, x.numel() * weight.shape[0]):
-        return reference.fused_dense(x, weight, bias, act.name, negative_slope)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
     if torch.compiler.is_compiling():

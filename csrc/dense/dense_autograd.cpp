@@ -1,0 +1,123 @@
+// Eager-mode entry of the compiled dense backends: input checks, autocast, the cpu/cuda kernels of
+// dense.h wrapped in a C++ autograd Function, so an eager call costs one C++ call and one autograd node.
+// The same steps in Python (genfast/ops/dense.py, which the reference and triton backends and
+// torch.compile go through) cost ~6 us more per call, more than a small layer's whole kernel.
+// Saves exactly what the custom op saves (x, weight, and mask bits / y / z by activation). The checks
+// raise the same exceptions with the same words as ops/_checks.py; tests/test_dense_inputs.py runs
+// both paths on the same cases.
+#include <ATen/autocast_mode.h>
+#include <torch/autograd.h>
+
+#include <sstream>
+
+#include "common/activations.h"
+#include "dense/dense.h"
+
+namespace genfast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::vector<at::Tensor> forward_kernel(const at::Tensor& x, const at::Tensor& weight,
+                                       const c10::optional<at::Tensor>& bias, int64_t act, double slope) {
+#ifdef GENFAST_WITH_CUDA
+  if (x.is_cuda()) return dense_forward_cuda(x, weight, bias, act, slope);
+#endif
+  return dense_forward_cpu(x, weight, bias, act, slope);
+}
+
+std::vector<at::Tensor> backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& saved, int64_t act, double slope, bool need_x,
+                                        bool need_w, bool need_b) {
+#ifdef GENFAST_WITH_CUDA
+  if (x.is_cuda()) return dense_backward_cuda(grad_y, x, weight, saved, act, slope, need_x, need_w, need_b);
+#endif
+  return dense_backward_cpu(grad_y, x, weight, saved, act, slope, need_x, need_w, need_b);
+}
+
+struct FusedDense : public torch::autograd::Function<FusedDense> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, int64_t act, double slope) {
+    std::vector<at::Tensor> out = forward_kernel(x, weight, bias, act, slope);
+    const bool keeps_output = saves_of(static_cast<Act>(act)) == Saves::Output;
+    ctx->save_for_backward({x, weight, keeps_output ? out[0] : out[1]});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["slope"] = slope;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return out[0];
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    // Edges exist only for tensor arguments: bias is edge 2 when it was given.
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    const bool need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    std::vector<at::Tensor> g =
+        backward_kernel(grads[0].contiguous(), saved[0], saved[1], saved[2], ctx->saved_data["act"].toInt(),
+                        ctx->saved_data["slope"].toDouble(), need_x, need_w, need_b);
+    return {need_x ? g[0] : at::Tensor(), need_w ? g[1] : at::Tensor(), need_b ? g[2] : at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
+std::string shape_tuple(at::IntArrayRef sizes, const char* leading = "") {
+  std::ostringstream out;
+  out << "(" << leading;
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << (sizes.size() == 1 && !*leading ? ",)" : ")");
+  return out.str();
+}
+
+void check_float(const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble,
+                   name, ": expected dtype in ['torch.float16', 'torch.bfloat16', 'torch.float32', 'torch.float64'], ",
+                   "got ", dtype_name(dtype));
+}
+
+void check_like_x(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " has dtype ", dtype_name(t.scalar_type()),
+                   " but x has dtype ", dtype_name(x.scalar_type()));
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_float("x", x);
+  check_float("weight", weight);
+  if (bias) check_float("bias", *bias);
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight: expected 2 dimensions (out_features, in_features), got shape ",
+                    shape_tuple(weight.sizes()));
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), "x: expected shape (..., ", weight.size(1),
+                    ") to match weight ", shape_tuple(weight.sizes()), ", got ", shape_tuple(x.sizes()));
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias: expected shape (",
+                      weight.size(0), ",), got ", shape_tuple(bias->sizes()));
+  }
+}
+
+}  // namespace
+
+at::Tensor dense_eager(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, int64_t act, double slope) {
+  check_inputs(x, weight, bias);
+  const auto device_type = x.device().type();
+  if (at::autocast::is_autocast_enabled(device_type)) {
+    const auto dtype = at::autocast::get_autocast_dtype(device_type);
+    x = x.to(dtype);
+    weight = weight.to(dtype);
+    if (bias) bias = bias->to(dtype);
+  }
+  check_like_x("weight", weight, x);
+  if (bias) check_like_x("bias", *bias, x);
+  if (bias) bias = bias->contiguous();
+  // Reshapes are autograd nodes of their own (~1 us each way): only for inputs that are not 2-D.
+  if (x.dim() == 2) return FusedDense::apply(x.contiguous(), weight.contiguous(), bias, act, slope);
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = weight.size(0);
+  const at::Tensor x2d = x.reshape({-1, x.size(-1)}).contiguous();
+  return FusedDense::apply(x2d, weight.contiguous(), bias, act, slope).view(out_shape);
+}
+
+}  // namespace genfast
