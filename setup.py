@@ -51,6 +51,12 @@ def cpu_vector_flags() -> list[str]:
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
+def openmp_flags() -> list[str]:
+    """at::parallel_for is a header template: compiled without -fopenmp, its `omp parallel` is ignored
+    and every parallel loop of the CPU kernels runs on one thread. (Linux: PyTorch's own libgomp.)"""
+    return ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+
+
 def pip_cuda_dirs(sub: str) -> list[str]:
     """Headers/libraries of the pip CUDA packages (the system toolkit may lack some, e.g. cusparse.h)."""
     site = sysconfig.get_paths()["purelib"]
@@ -63,11 +69,11 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = ["csrc/genfast.cpp"] + sorted(glob.glob("csrc/*/*.cpp"))
     macros = [("GENFAST_TORCH_VERSION", f'"{torch.__version__}"')]
-    args = {"cxx": opt + cpu_vector_flags()}  # the -std flag is PyTorch's choice (C++17 or C++20)
+    args = {"cxx": opt + cpu_vector_flags() + openmp_flags()}  # -std is PyTorch's choice (C++17 or C++20)
     if not cuda:
         print("genfast build: CPU-only extension", file=sys.stderr)
         return CppExtension("genfast._C", sources, include_dirs=[os.path.abspath("csrc")],
-                            define_macros=macros, extra_compile_args=args)
+                            define_macros=macros, extra_compile_args=args, extra_link_args=openmp_flags())
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     print(f"genfast build: CUDA {torch.version.cuda} extension for {archs} ({CUDA_HOME})", file=sys.stderr)
     macros += [("GENFAST_WITH_CUDA", None), ("GENFAST_CUDA_ARCHS", f'"{archs}"')]
@@ -81,7 +87,7 @@ def extension():
                 for p in sorted(glob.glob(os.path.join(d, "libcublasLt.so.*")))[:1]] or ["-lcublasLt"]
     return CUDAExtension("genfast._C", sources + sorted(glob.glob("csrc/*/*_cuda.cu")),
                          include_dirs=include_dirs, library_dirs=library_dirs, define_macros=macros,
-                         extra_compile_args=args, extra_link_args=cublaslt)
+                         extra_compile_args=args, extra_link_args=cublaslt + openmp_flags())
 
 
 def local_version() -> str:

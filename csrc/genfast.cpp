@@ -25,6 +25,11 @@ pybind11::dict build_info() {
   info["cuda_version"] = pybind11::none();
 #endif
   info["cuda_archs"] = GENFAST_CUDA_ARCHS;
+#ifdef _OPENMP
+  info["openmp"] = true;  // at::parallel_for really runs on several threads
+#else
+  info["openmp"] = false;
+#endif
   info["torch"] = GENFAST_TORCH_VERSION;
   return info;
 }

@@ -33,6 +33,7 @@ def build_info() -> dict:
         "cuda": bool(built.get("cuda", False)),
         "cuda_version": built.get("cuda_version"),
         "cuda_archs": [a for a in archs.replace(",", ";").split(";") if a],
+        "openmp": bool(built.get("openmp", False)),
         "triton": triton_version(),
         "backends": available_backends(),
         "activations": sorted(ACTIVATIONS),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -24,6 +26,14 @@ def test_build_info_reports_what_was_built():
 @pytest.mark.skipif(_extension._C is None, reason="genfast._C is not built")
 def test_cpp_activation_codes_are_the_python_table():
     assert _extension._C.activation_codes() == {name: a.code for name, a in ACTIVATIONS.items()}
+
+
+@pytest.mark.skipif(_extension._C is None, reason="genfast._C is not built")
+def test_cpu_kernels_run_their_parallel_loops_on_pytorchs_openmp_threads():
+    """Without -fopenmp, at::parallel_for compiles to a serial loop: a silent 2x-on-2-cores loss."""
+    if not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()):
+        pytest.skip("PyTorch's parallel backend here is not OpenMP on Linux")
+    assert genfast.build_info()["openmp"]
 
 
 @pytest.mark.skipif(_extension._C is None, reason="genfast._C is not built")

@@ -107,6 +107,27 @@ def test_eager_autograd_saves_only_x_weight_and_the_minimal_aux(backend, act):
     assert saved == [((7, 100), torch.float32), ((130, 100), torch.float32), expected_aux]
 
 
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "sigmoid"])
+def test_cpu_mask_and_bias_gradient_do_not_depend_on_the_thread_count(act):
+    require_backend("cpu", "cpu")
+    x, w, b = make_inputs(1031, 100, 130, torch.float32, "cpu")
+    grad_y = torch.randn(1031, 130)
+    code = ACTIVATIONS[act].code
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            y, aux = genfast._extension._C.dense_forward_cpu(x, w, b, code, SLOPE)
+            saved = y if ACTIVATIONS[act].saves == "output" else aux
+            grad_b = genfast._extension._C.dense_backward_cpu(grad_y, x, w, saved, code, SLOPE, False, False, True)[2]
+            results.append((aux, grad_b))
+    finally:
+        torch.set_num_threads(threads)
+    for aux, grad_b in results[1:]:
+        assert torch.equal(aux, results[0][0]) and torch.equal(grad_b, results[0][1])
+
+
 def test_cpu_kernels_without_avx512_match_reference():
     """The 8-lane (AVX2) relu/leaky_relu passes, which CPUs without AVX-512 run, in a child process."""
     require_backend("cpu", "cpu")

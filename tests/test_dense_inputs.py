@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -78,28 +80,34 @@ def test_nan_and_inf_propagate_like_eager(backend, act):
     torch.testing.assert_close(y[finite], expected[finite])
 
 
-def test_pinning_an_unusable_backend_raises(monkeypatch):
+def test_pinning_an_unusable_backend_raises():
     x, w, b = inputs()
     with genfast.use_backend("cuda"), pytest.raises(RuntimeError, match="'cuda' was pinned but cannot run"):
         genfast.fused_dense(x, w, b)
     with pytest.raises(ValueError, match="unknown backend"):
         with genfast.use_backend("tpu"):
             pass
-    monkeypatch.setenv("GENFAST_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="pinned but cannot run"):
-        genfast.fused_dense(x, w, b)
 
 
-def test_environment_variable_pins_the_backend(monkeypatch):
-    x, w, b = inputs()
-    monkeypatch.setenv("GENFAST_BACKEND", "reference")
-    from genfast.backend import select
+def _run_with_backend_variable(value: str, code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GENFAST_BACKEND": value}
+    prelude = "import torch, genfast; from genfast.backend import select; x, w = torch.randn(4, 6), torch.randn(5, 6)\n"
+    return subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=120)
 
-    assert select(x.device) == "reference"
-    monkeypatch.delenv("GENFAST_BACKEND")
-    require_backend("cpu", "cpu")
-    assert select(x.device) == "cpu"
-    assert os.environ.get("GENFAST_BACKEND") is None
+
+def test_environment_variable_pins_the_backend_for_the_process():
+    code = ("assert select(x.device) == 'reference'\n"
+            "with genfast.use_backend('cpu'):\n"
+            "    assert select(x.device) == 'cpu'\n"  # an explicit pin goes over the variable
+            "assert select(x.device) == 'reference'\n")
+    result = _run_with_backend_variable("reference", code)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value, words", [("cuda", "'cuda' was pinned but cannot run"), ("tpu", "unknown backend")])
+def test_environment_variable_naming_an_unusable_backend_raises_at_the_op(value, words):
+    result = _run_with_backend_variable(value, "genfast.fused_dense(x, w)")
+    assert result.returncode != 0 and words in result.stderr, result.stderr[-2000:]
 
 
 def test_eager_calls_on_the_compiled_backends_take_the_cpp_entry_and_others_the_python_layer(monkeypatch):
