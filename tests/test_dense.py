@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -95,7 +96,7 @@ def test_three_dimensional_and_non_contiguous_input(backend, act):
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("act", ACTS)
 def test_eager_autograd_saves_only_x_weight_and_the_minimal_aux(backend, act):
-    """What the eager path (C++ node for cpu, Python Function for triton) keeps alive for backward."""
+    """What the eager path (C++ node for cpu, Python Function for triton) keeps for backward."""
     require_backend(backend, "cpu")
     x, w, b = (t.requires_grad_() for t in make_inputs(7, 100, 130, torch.float32, "cpu"))
     saved = []
@@ -104,7 +105,8 @@ def test_eager_autograd_saves_only_x_weight_and_the_minimal_aux(backend, act):
         genfast.fused_dense(x, w, b, activation=act)
     expected_aux = {"mask": ((7, 32), torch.uint8), "preact": ((7, 130), torch.float32),
                     "output": ((7, 130), torch.float32), "none": ((0,), torch.float32)}[ACTIVATIONS[act].saves]
-    assert saved == [((7, 100), torch.float32), ((130, 100), torch.float32), expected_aux]
+    # bias is kept by reference (no memory) for a backward that builds a graph.
+    assert saved == [((7, 100), torch.float32), ((130, 100), torch.float32), expected_aux, ((130,), torch.float32)]
 
 
 @pytest.mark.parametrize("act", ["relu", "leaky_relu", "sigmoid"])
@@ -174,6 +176,34 @@ def test_gradcheck_float64(act):
     with genfast.use_backend("cpu"):
         assert torch.autograd.gradcheck(
             lambda *t: genfast.fused_dense(*t, activation=act, negative_slope=SLOPE), inputs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("act", ACTS)
+def test_gradient_penalty_double_backward_matches_reference(backend, act):
+    """R1 / WGAN-GP: the gradient of ||d y / d x||^2 w.r.t. the weights, through create_graph=True."""
+    require_backend(backend, "cpu")
+    x, w, b = make_inputs(7, 100, 13, torch.float64, "cpu")
+    results = {}
+    for name, dtype in (("genfast", torch.float32), ("eager", torch.float32), ("reference", torch.float64)):
+        fn = genfast.fused_dense if name == "genfast" else reference.fused_dense
+        xs, ws, bs = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
+        with genfast.use_backend(backend):
+            y = fn(xs, ws, bs, activation=act, negative_slope=SLOPE)
+            (grad_x,) = torch.autograd.grad(y.square().sum(), xs, create_graph=True)
+            penalty = grad_x.square().sum()
+            results[name] = (penalty, *torch.autograd.grad(penalty, (ws, bs)))
+    for label, ours, eager, ref in zip(("penalty", "grad_weight", "grad_bias"), *results.values()):
+        assert_within_rule(f"{backend} {act} {label}", ours, eager, ref)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_gradgradcheck_float64(act):
+    require_backend("cpu", "cpu")
+    x, w, b = (t.requires_grad_() for t in make_inputs(3, 5, 4, torch.float64, "cpu"))
+    with genfast.use_backend("cpu"):
+        assert torch.autograd.gradgradcheck(
+            functools.partial(genfast.fused_dense, activation=act, negative_slope=SLOPE), (x, w, b))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])

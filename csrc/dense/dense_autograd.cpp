@@ -36,38 +36,73 @@ std::vector<at::Tensor> backward_kernel(const at::Tensor& grad_y, const at::Tens
   return dense_backward_cpu(grad_y, x, weight, saved, act, slope, need_x, need_w, need_b);
 }
 
+// act(z) with ATen's differentiable ops (double backward only; the kernels compute it otherwise).
+at::Tensor activation_aten(const at::Tensor& z, Act act, double slope) {
+  switch (act) {
+    case Act::Relu: return at::relu(z);
+    case Act::LeakyRelu: return at::leaky_relu(z, slope);
+    case Act::Gelu: return at::gelu(z);
+    case Act::GeluTanh: return at::gelu(z, "tanh");
+    case Act::Silu: return at::silu(z);
+    case Act::Sigmoid: return at::sigmoid(z);
+    case Act::Tanh: return at::tanh(z);
+    default: return z;
+  }
+}
+
+// backward(create_graph=True), as gradient penalties (R1, WGAN-GP) call it: the kernels' gradients
+// would be constants to autograd, so recompute y with ATen's ops and differentiate that, graph and all.
+std::vector<at::Tensor> gradients_with_graph(const at::Tensor& grad_y, const std::vector<at::Tensor>& inputs,
+                                             const std::vector<bool>& need, Act act, double slope) {
+  const at::Tensor y = activation_aten(at::linear(inputs[0], inputs[1], inputs[2]), act, slope);
+  variable_list wanted;
+  for (size_t i = 0; i < 3; ++i) {
+    if (need[i]) wanted.push_back(inputs[i]);
+  }
+  variable_list grads = torch::autograd::grad({y}, wanted, {grad_y}, /*retain_graph=*/true, /*create_graph=*/true);
+  std::vector<at::Tensor> out(3);
+  for (size_t i = 0, k = 0; i < 3; ++i) {
+    if (need[i]) out[i] = grads[k++];
+  }
+  return out;
+}
+
 struct FusedDense : public torch::autograd::Function<FusedDense> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, int64_t act, double slope) {
     std::vector<at::Tensor> out = forward_kernel(x, weight, bias, act, slope);
     const bool keeps_output = saves_of(static_cast<Act>(act)) == Saves::Output;
-    ctx->save_for_backward({x, weight, keeps_output ? out[0] : out[1]});
+    // bias (a reference, no memory) only for a backward that builds a graph: it recomputes from x, w, b.
+    ctx->save_for_backward({x, weight, keeps_output ? out[0] : out[1], bias.value_or(at::Tensor())});
     ctx->saved_data["act"] = act;
     ctx->saved_data["slope"] = slope;
-    ctx->saved_data["has_bias"] = bias.has_value();
     return out[0];
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     // Edges exist only for tensor arguments: bias is edge 2 when it was given.
-    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
-    const bool need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    const std::vector<bool> need = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                    saved[3].defined() && ctx->needs_input_grad(2)};
+    const Act act = static_cast<Act>(ctx->saved_data["act"].toInt());
+    const double slope = ctx->saved_data["slope"].toDouble();
     std::vector<at::Tensor> g =
-        backward_kernel(grads[0].contiguous(), saved[0], saved[1], saved[2], ctx->saved_data["act"].toInt(),
-                        ctx->saved_data["slope"].toDouble(), need_x, need_w, need_b);
-    return {need_x ? g[0] : at::Tensor(), need_w ? g[1] : at::Tensor(), need_b ? g[2] : at::Tensor(),
+        torch::autograd::GradMode::is_enabled()
+            ? gradients_with_graph(grads[0], {saved[0], saved[1], saved[3]}, need, act, slope)
+            : backward_kernel(grads[0].contiguous(), saved[0], saved[1], saved[2], static_cast<int64_t>(act), slope,
+                              need[0], need[1], need[2]);
+    return {need[0] ? g[0] : at::Tensor(), need[1] ? g[1] : at::Tensor(), need[2] ? g[2] : at::Tensor(),
             at::Tensor(), at::Tensor()};
   }
 };
 
 std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
 
-std::string shape_tuple(at::IntArrayRef sizes, const char* leading = "") {
+std::string shape_tuple(at::IntArrayRef sizes) {  // as Python prints a shape: (5,) or (4, 6)
   std::ostringstream out;
-  out << "(" << leading;
+  out << "(";
   for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
-  out << (sizes.size() == 1 && !*leading ? ",)" : ")");
+  out << (sizes.size() == 1 ? ",)" : ")");
   return out.str();
 }
 

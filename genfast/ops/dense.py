@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from genfast import _extension, backend
+from genfast import _extension, backend, reference
 from genfast.activations import ACTIVATIONS, get_activation
 from genfast.ops._checks import check_same, check_shape, check_tensor
 from genfast.reference import mask_row_bytes
 
 _SAVES = {a.code: a.saves for a in ACTIVATIONS.values()}
+_NAMES = {a.code: a.name for a in ACTIVATIONS.values()}
 # Backends whose eager calls go through genfast._C.dense_eager (a C++ autograd node, see
 # csrc/dense/dense_autograd.cpp) rather than _EagerFusedDense.
 _COMPILED = ("cpu", "cuda")
@@ -61,16 +62,27 @@ def _saved_for_backward(act: int, y: Tensor, aux: Tensor) -> Tensor:
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, act, slope = inputs
-    ctx.save_for_backward(x, weight, _saved_for_backward(act, *output))
-    ctx.act, ctx.slope, ctx.has_bias = act, slope, bias is not None
+    # bias (a reference, no memory) only for a backward that builds a graph: it recomputes from x, w, b.
+    ctx.save_for_backward(x, weight, _saved_for_backward(act, *output), bias)
+    ctx.act, ctx.slope = act, slope
 
 
 def _gradients(ctx, grad_y, backward):
-    x, weight, saved = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    need_b = need_b and ctx.has_bias
-    grad_x, grad_w, grad_b = backward(grad_y.contiguous(), x, weight, saved, ctx.act, ctx.slope, need_x, need_w, need_b)
-    return grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None, None, None
+    x, weight, saved, bias = ctx.saved_tensors
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
+    if torch.is_grad_enabled():
+        grads = _gradients_with_graph(grad_y, (x, weight, bias), need, ctx.act, ctx.slope)
+    else:
+        grads = backward(grad_y.contiguous(), x, weight, saved, ctx.act, ctx.slope, *need)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None, None)
+
+
+def _gradients_with_graph(grad_y, inputs, need, act, slope):
+    """backward(create_graph=True), as gradient penalties (R1, WGAN-GP) call it: the kernels' gradients
+    would be constants to autograd, so differentiate the reference expression instead, graph and all."""
+    y = reference.fused_dense(*inputs, _NAMES[act], slope)
+    grads = iter(torch.autograd.grad(y, [t for t, n in zip(inputs, need) if n], grad_y, create_graph=True))
+    return tuple(next(grads) if n else None for n in need)
 
 
 _forward.register_autograd(lambda ctx, grad_y, _grad_aux: _gradients(ctx, grad_y, _backward),
