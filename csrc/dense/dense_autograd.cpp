@@ -145,8 +145,10 @@ at::Tensor dense_eager(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor
     if (bias) bias = bias->to(dtype);
   }
   check_like_x("weight", weight, x);
-  if (bias) check_like_x("bias", *bias, x);
-  if (bias) bias = bias->contiguous();
+  if (bias) {
+    check_like_x("bias", *bias, x);
+    bias = bias->contiguous();
+  }
   // Reshapes are autograd nodes of their own (~1 us each way): only for inputs that are not 2-D.
   if (x.dim() == 2) return FusedDense::apply(x.contiguous(), weight.contiguous(), bias, act, slope);
   std::vector<int64_t> out_shape = x.sizes().vec();
