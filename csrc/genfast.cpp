@@ -4,6 +4,7 @@
 
 #include "common/activations.h"
 #include "dense/dense.h"
+#include "reparam/reparam.h"
 
 #ifdef GENFAST_WITH_CUDA
 #include <cuda.h>  // CUDA_VERSION
@@ -60,5 +61,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef GENFAST_WITH_CUDA
   m.def("dense_forward_cuda", &genfast::dense_forward_cuda);
   m.def("dense_backward_cuda", &genfast::dense_backward_cuda);
+  m.def("reparam_forward_cuda", &genfast::reparam_forward_cuda);
+  m.def("reparam_backward_cuda", &genfast::reparam_backward_cuda);
+  m.def("kl_forward_cuda", &genfast::kl_forward_cuda);
+  m.def("kl_backward_cuda", &genfast::kl_backward_cuda);
+  m.def("reparam_kl_forward_cuda", &genfast::reparam_kl_forward_cuda);
 #endif
 }

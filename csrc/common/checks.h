@@ -15,3 +15,11 @@
   TORCH_CHECK((x).scalar_type() == (y).scalar_type(), #x " and " #y " must have the same dtype")
 #define CHECK_ACTIVATION(code) \
   TORCH_CHECK((code) >= 0 && (code) < genfast::kNumActivations, "unknown activation code ", (code))
+#define CHECK_SAME_DEVICE(x, y) \
+  TORCH_CHECK((x).device() == (y).device(), #x " is on ", (x).device(), ", " #y " on ", (y).device())
+#define CHECK_SAME_SHAPE(x, y) \
+  TORCH_CHECK((x).sizes() == (y).sizes(), #x " has shape ", (x).sizes(), ", " #y " has shape ", (y).sizes())
+#define CHECK_FLOATING(x)                                                                           \
+  TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kHalf ||                  \
+                  (x).scalar_type() == at::kBFloat16 || (x).scalar_type() == at::kDouble,           \
+              #x " must be float16, bfloat16, float32 or float64, got ", (x).scalar_type())
