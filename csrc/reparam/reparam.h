@@ -4,17 +4,19 @@
 // (2,) on mu's device holding (seed, offset); eps[i] = philox normal i of (seed, offset)
 // (common/philox.h). Backward regenerates eps from rng_state and stores nothing of mu's shape.
 //   CPU:  seed = one random64() draw from the CPU generator (under its lock), offset = 0.
-//   CUDA: (seed, offset) = philox_cuda_state(4) of the CUDA generator (under its lock), unpacked in the
-//         kernel, which writes them into rng_state: CUDA-graph safe (replays read the graph's offset).
+//   CUDA: seed and offset / 4 of philox_cuda_state(4) of the CUDA generator (under its lock), unpacked
+//         in the kernel, which writes them into rng_state: CUDA-graph safe (replays read the graph's
+//         offset). PyTorch counts that offset in 32-bit draws, philox.h's offset in 128-bit blocks.
 //
 // reparam_forward(mu, logvar, generator) -> {z, rng_state}
 //   z = mu + exp(0.5 * logvar) * eps, in mu's dtype, computed in fp32.
 // reparam_backward(grad_z, logvar, rng_state) -> grad_logvar
 //   grad_logvar = 0.5 * grad_z * eps * exp(0.5 * logvar)   (grad_mu is grad_z itself: no kernel)
-// kl_forward(mu, logvar) -> kl (rows,) float32
-//   rows = numel / mu.size(-1); kl[r] = 0.5 * sum_j (exp(logvar) + mu^2 - 1 - logvar) over row r.
-// kl_backward(grad_kl (rows,) float32, mu, logvar) -> {grad_mu, grad_logvar} in mu's dtype
-//   grad_mu = grad_kl[r] * mu;  grad_logvar = 0.5 * grad_kl[r] * (exp(logvar) - 1)
+// kl_forward(mu, logvar) -> kl (rows,) in the math type: float64 for float64 inputs, else float32
+//   rows = numel / mu.size(-1); kl[r] = 0.5 * sum_j (expm1(logvar) - logvar + mu^2) over row r: each
+//   term in the math type, the sum in float64 in a fixed order (deterministic), rounded once.
+// kl_backward(grad_kl (rows,) in the math type, mu, logvar) -> {grad_mu, grad_logvar} in mu's dtype
+//   grad_mu = grad_kl[r] * mu;  grad_logvar = 0.5 * grad_kl[r] * expm1(logvar)
 // reparam_kl_forward(mu, logvar, generator) -> {z, rng_state, kl}: both in one pass over mu and logvar.
 //
 // mu and logvar: same shape, dtype (float16/bfloat16/float32/float64), device; contiguous (the Python

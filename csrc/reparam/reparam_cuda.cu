@@ -150,7 +150,8 @@ __global__ void __launch_bounds__(kThreads)
 // runs over the tasks of whole warps, so every lane reaches the shuffles.
 template <typename T, bool kAligned, bool kSample>
 __global__ void __launch_bounds__(kThreads)
-    kl_rows_kernel(const T* __restrict__ mu, const T* __restrict__ logvar, T* __restrict__ z, float* __restrict__ kl,
+    kl_rows_kernel(const T* __restrict__ mu, const T* __restrict__ logvar, T* __restrict__ z,
+                   at::opmath_type<T>* __restrict__ kl,
                    KlSum* __restrict__ partial, int64_t rows, int64_t cols, int64_t chunks, int lanes,
                    at::PhiloxCudaState philox, int64_t* __restrict__ rng_state) {
   using acc_t = at::opmath_type<T>;
@@ -182,29 +183,30 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int o = lanes / 2; o > 0; o /= 2) sum += __shfl_xor_sync(kFullMask, sum, o);
     if (task < tasks && lane % lanes == 0) {
-      if (chunks == 1) kl[task] = static_cast<float>(0.5 * sum);
+      if (chunks == 1) kl[task] = static_cast<acc_t>(0.5 * sum);
       else partial[task] = sum;
     }
   }
 }
 
 // kl[r] = 0.5 * sum of row r's chunk partials: one warp per row, lane l summing chunks l, l + 32, ...
+template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    kl_partials_kernel(const KlSum* __restrict__ partial, float* __restrict__ kl, int64_t rows, int64_t chunks) {
+    kl_partials_kernel(const KlSum* __restrict__ partial, acc_t* __restrict__ kl, int64_t rows, int64_t chunks) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = int64_t(gridDim.x) * blockDim.x / kWarp;
   for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp; row < rows; row += warps) {
     KlSum sum = 0;
     for (int64_t c = lane; c < chunks; c += kWarp) sum += partial[row * chunks + c];
     for (int o = kWarp / 2; o > 0; o /= 2) sum += __shfl_xor_sync(kFullMask, sum, o);
-    if (lane == 0) kl[row] = static_cast<float>(0.5 * sum);
+    if (lane == 0) kl[row] = static_cast<acc_t>(0.5 * sum);
   }
 }
 
 // Elementwise over groups of 4; each element's row from a running (row, column) pair: one division a group.
 template <typename T, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
-    kl_backward_kernel(const float* __restrict__ grad_kl, const T* __restrict__ mu, const T* __restrict__ logvar,
+    kl_backward_kernel(const at::opmath_type<T>* __restrict__ grad_kl, const T* __restrict__ mu, const T* __restrict__ logvar,
                        T* __restrict__ grad_mu, T* __restrict__ grad_logvar, int64_t n, int64_t cols) {
   using acc_t = at::opmath_type<T>;
   const int64_t groups = ceil_div(n, 4);
@@ -289,20 +291,24 @@ void launch_kl_rows(const at::Tensor& mu, const at::Tensor& logvar, at::Tensor* 
       dispatch_flag(z != nullptr, [&](auto kSample) {
         constexpr bool kA = decltype(kAligned)::value, kS = decltype(kSample)::value;
         kl_rows_kernel<scalar_t, kA, kS><<<blocks_for(warps * kWarp), kThreads, 0, stream>>>(
-            mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), z_ptr, kl.data_ptr<float>(), partial_ptr, rows,
+            mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), z_ptr, kl.data_ptr<at::opmath_type<scalar_t>>(),
+            partial_ptr, rows,
             cols, chunks, lanes, philox, rng_state ? rng_state->data_ptr<int64_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
     if (chunks > 1) {
-      kl_partials_kernel<<<blocks_for(rows * kWarp), kThreads, 0, stream>>>(partial_ptr, kl.data_ptr<float>(), rows,
-                                                                            chunks);
+      kl_partials_kernel<<<blocks_for(rows * kWarp), kThreads, 0, stream>>>(
+          partial_ptr, kl.data_ptr<at::opmath_type<scalar_t>>(), rows, chunks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
 }
 
 at::Tensor new_rng_state(const at::Tensor& mu) { return at::empty({2}, mu.options().dtype(at::kLong)); }
+
+// kl is in the math type: float64 for float64 inputs, float32 for the others.
+at::ScalarType kl_dtype(const at::Tensor& mu) { return mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
 
@@ -358,8 +364,8 @@ at::Tensor kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar) {
   check_pair(mu, logvar);
   check_rows(mu);
   const at::cuda::OptionalCUDAGuard guard(mu.device());
-  if (mu.numel() == 0) return at::zeros({rows_of(mu)}, mu.options().dtype(at::kFloat));  // empty sums are 0
-  at::Tensor kl = at::empty({rows_of(mu)}, mu.options().dtype(at::kFloat));
+  if (mu.numel() == 0) return at::zeros({rows_of(mu)}, mu.options().dtype(kl_dtype(mu)));  // empty sums are 0
+  at::Tensor kl = at::empty({rows_of(mu)}, mu.options().dtype(kl_dtype(mu)));
   launch_kl_rows(mu, logvar, nullptr, kl, at::PhiloxCudaState(), nullptr);
   return kl;
 }
@@ -371,7 +377,7 @@ std::vector<at::Tensor> kl_backward_cuda(const at::Tensor& grad_kl, const at::Te
   CHECK_CONTIGUOUS(grad_kl);
   CHECK_SAME_DEVICE(grad_kl, mu);
   CHECK_SHAPE(grad_kl, rows_of(mu));
-  TORCH_CHECK(grad_kl.scalar_type() == at::kFloat, "grad_kl must be float32, got ", grad_kl.scalar_type());
+  TORCH_CHECK(grad_kl.scalar_type() == kl_dtype(mu), "grad_kl must be ", kl_dtype(mu), ", got ", grad_kl.scalar_type());
   const at::cuda::OptionalCUDAGuard guard(mu.device());
   at::Tensor grad_mu = at::empty_like(mu), grad_logvar = at::empty_like(logvar);
   const int64_t n = mu.numel();
@@ -383,7 +389,7 @@ std::vector<at::Tensor> kl_backward_cuda(const at::Tensor& grad_kl, const at::Te
     dispatch_flag(aligned, [&](auto kAligned) {
       constexpr bool kA = decltype(kAligned)::value;
       kl_backward_kernel<scalar_t, kA><<<blocks_for(ceil_div(n, 4)), kThreads, 0, stream>>>(
-          grad_kl.data_ptr<float>(), mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(),
+          grad_kl.data_ptr<at::opmath_type<scalar_t>>(), mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(),
           grad_mu.data_ptr<scalar_t>(), grad_logvar.data_ptr<scalar_t>(), n, mu.size(-1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -398,9 +404,9 @@ std::vector<at::Tensor> reparam_kl_forward_cuda(const at::Tensor& mu, const at::
   const at::cuda::OptionalCUDAGuard guard(mu.device());
   at::Tensor z = at::empty_like(mu);
   if (mu.numel() == 0) {
-    return {z, at::zeros({2}, mu.options().dtype(at::kLong)), at::zeros({rows_of(mu)}, mu.options().dtype(at::kFloat))};
+    return {z, at::zeros({2}, mu.options().dtype(at::kLong)), at::zeros({rows_of(mu)}, mu.options().dtype(kl_dtype(mu)))};
   }
-  at::Tensor rng_state = new_rng_state(mu), kl = at::empty({rows_of(mu)}, mu.options().dtype(at::kFloat));
+  at::Tensor rng_state = new_rng_state(mu), kl = at::empty({rows_of(mu)}, mu.options().dtype(kl_dtype(mu)));
   launch_kl_rows(mu, logvar, &z, kl, reserve_noise(generator, mu), &rng_state);
   return {z, rng_state, kl};
 }
