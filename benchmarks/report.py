@@ -16,14 +16,14 @@ from benchmarks.environment import slug  # noqa: E402
 
 _METHOD = ("Median of many calls after warm-up ({clock}); the contenders alternate for {rounds} round(s), "
            "each keeping its best median. Ratios are baseline time / genfast time: "
-           "> 1 means genfast is faster. forward runs as in training (x, weight, bias require grad); "
+           "> 1 means genfast is faster. forward runs as in training (the inputs that take gradients require them); "
            "backward is timed alone on a retained graph; both is forward + backward.")
 
 
-def write(out: Path, header: dict, rows: list[dict]) -> Path:
-    """Write the three files for `header`'s device into `out`; return the JSON's path."""
+def write(out: Path, header: dict, rows: list[dict], suffix: str = "") -> Path:
+    """Write the three files for `header`'s device (+ suffix) into `out`; return the JSON's path."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / slug(header["device"])
+    stem = out / (slug(header["device"]) + suffix)
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(header, rows))
@@ -52,15 +52,23 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.4g}"
 
 
+def _percent(result: dict | None, key: str) -> str:
+    return f"{100 * result[key]:.0f}%" if result and key in result else "—"
+
+
 def markdown(header: dict, rows: list[dict]) -> str:
     """The results as a Markdown table, one line per case, headed by where they came from."""
     names = _contenders(rows)
     ratios = list(dict.fromkeys(key for row in rows for key in row["ratios"]))
     on_gpu = header["device_type"] == "cuda"
     genfast_names = [n for n in names if n.startswith("genfast:")]
+    fractions = [(key, label) for key, label in (("matmul_fraction", "matmul rate"),
+                                                 ("bandwidth_fraction", "bandwidth"))
+                 if any(key in r for row in rows for r in row["results"].values())]
     columns = (["case"] + [f"{n} ms" for n in names] + ratios
                + [f"peak MB ({' / '.join(names)})" if on_gpu else "peak MB"]
-               + ([f"{n} % of matmul rate" for n in genfast_names] if on_gpu else []))
+               + ([f"{n} % of {label}" for _, label in fractions for n in genfast_names]
+                  + [f"kernels ({' / '.join(names)})"] if on_gpu else []))
     lines = [f"# genfast benchmarks: {header['device']}", "", _provenance(header), "",
              _METHOD.format(clock="CUDA events" if on_gpu else "time.perf_counter per call",
                           rounds=header["settings"]["timing"]["rounds"]), "",
@@ -72,7 +80,8 @@ def markdown(header: dict, rows: list[dict]) -> str:
         if on_gpu:
             cells.append(" / ".join(f"{results[n]['peak_bytes'] / 2**20:.1f}" if n in results else "—"
                                     for n in names))
-            cells += [f"{100 * results[n]['matmul_fraction']:.0f}%" for n in genfast_names]
+            cells += [_percent(results.get(n), key) for key, _ in fractions for n in genfast_names]
+            cells.append(" / ".join(str(results[n].get("kernels", "—")) if n in results else "—" for n in names))
         else:
             cells.append("n/a (CPU)")
         lines.append("| " + " | ".join(cells) + " |")

@@ -31,17 +31,20 @@ def run(device: str | None = None, cases: Sequence[str] = tuple(FAMILIES), quick
     selected = [(FAMILIES[name], case) for name in cases
                 for case in (FAMILIES[name].QUICK_CASES if quick else FAMILIES[name].CASES)[dev.type]]
     _warn_if_busy()
-    rates = _matmul_rates(dev, {case.dtype for _, case in selected}, config)
+    rates = _matmul_rates(dev, {case.dtype for _, case in selected if case.flops}, config)
+    bandwidth = _bandwidth(dev, any(hasattr(case, "bytes") for _, case in selected), config)
     settings = {"quick": quick, "flush_l2": flush_l2, "timing": dataclasses.asdict(config),
-                "matmul_flops_per_s": rates}
+                "matmul_flops_per_s": rates, "copy_bytes_per_s": bandwidth}
     header = environment.header(dev, settings)  # before the run: the commit and build that it timed
     rows = []
     progress = tqdm(selected, desc=f"benchmarks ({dev.type})", unit="case")
     for family, case in progress:
         progress.set_postfix_str(case.name)
-        rows.append(_row(family, case, dev, config, flush_l2, rates))
+        rows.append(_row(family, case, dev, config, flush_l2, rates, bandwidth))
     header["load_average"] = {"start": header["load_average"], "end": os.getloadavg()}
-    return report.write(Path(out), header, rows)
+    # A run of some families only gets its own files, leaving the whole suite's results in place.
+    suffix = "" if set(cases) == set(FAMILIES) else "-" + "-".join(sorted(set(cases)))
+    return report.write(Path(out), header, rows, suffix)
 
 
 def _warn_if_busy() -> None:
@@ -59,8 +62,14 @@ def _matmul_rates(device: torch.device, dtypes: set[str], config: timing.TimingC
     return {dtype: timing.matmul_rate(device, getattr(torch, dtype), config) for dtype in sorted(dtypes)}
 
 
+def _bandwidth(device: torch.device, wanted: bool, config: timing.TimingConfig) -> float | None:
+    """GPU only: the measured copy bandwidth (bytes read + written per second), the yardstick of the
+    memory-bound cases (those with a ``bytes`` figure)."""
+    return timing.copy_bandwidth(device, config) if wanted and device.type == "cuda" else None
+
+
 def _row(family, case, device: torch.device, config: timing.TimingConfig, flush_l2: bool,
-         rates: dict[str, float]) -> dict:
+         rates: dict[str, float], bandwidth: float | None) -> dict:
     """Every contender of `case`, alternated for `config.rounds` rounds, each keeping its best median."""
     contenders = family.contenders(case, device)
     callables = {}
@@ -75,9 +84,15 @@ def _row(family, case, device: torch.device, config: timing.TimingConfig, flush_
             if name not in best or measured.median_ms < best[name].median_ms:
                 best[name] = measured
     results = {name: dataclasses.asdict(measured) for name, measured in best.items()}
-    if case.dtype in rates:
-        for result in results.values():
-            result["matmul_fraction"] = case.flops / (result["median_ms"] / 1e3) / rates[case.dtype]
+    for name, result in results.items():
+        seconds = result["median_ms"] / 1e3
+        if case.flops and case.dtype in rates:
+            result["matmul_fraction"] = case.flops / seconds / rates[case.dtype]
+        if bandwidth and hasattr(case, "bytes"):
+            result["bandwidth_fraction"] = case.bytes / seconds / bandwidth
+        if device.type == "cuda":
+            with _pinned(contenders[name].backend):
+                result["kernels"] = timing.kernel_count(callables[name])
     genfast_names = [n for n in results if n.startswith("genfast:")]
     ratios = {f"{base}/{g}": results[base]["median_ms"] / results[g]["median_ms"]
               for base in results if base not in genfast_names for g in genfast_names}

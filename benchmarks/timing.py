@@ -101,3 +101,24 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, config: TimingConfig, 
     b = torch.randn(n, n, device=device, dtype=dtype)
     result = measure(lambda: torch.mm(a, b), device, config)
     return 2 * n**3 / (result.median_ms / 1e3)
+
+
+def copy_bandwidth(device: torch.device, config: TimingConfig, n_bytes: int = 1 << 30) -> float:
+    """Bytes read + written per second by one large device-to-device copy (the memory-bound yardstick)."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    result = measure(lambda: dst.copy_(src), device, config)
+    return 2 * n_bytes / (result.median_ms / 1e3)
+
+
+def kernel_count(fn: Callable[[], object]) -> int:
+    """CUDA kernels one call of `fn` launches (memsets and copies not counted), by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA" and not e.name.lower().startswith(
+        ("memset", "memcpy")))

@@ -4,6 +4,7 @@
 
 #include "common/activations.h"
 #include "dense/dense.h"
+#include "losses/losses.h"
 #include "reparam/reparam.h"
 
 #ifdef GENFAST_WITH_CUDA
@@ -49,6 +50,24 @@ pybind11::dict activation_codes() {
   return codes;
 }
 
+pybind11::dict loss_codes() {
+  using genfast::Recon, genfast::Reduction, genfast::Term;
+  pybind11::dict recon, reduction, term, codes;
+  recon["bce"] = int64_t(Recon::Bce);
+  recon["mse"] = int64_t(Recon::Mse);
+  reduction["none"] = int64_t(Reduction::None);
+  reduction["mean"] = int64_t(Reduction::Mean);
+  reduction["sum"] = int64_t(Reduction::Sum);
+  term["bce"] = int64_t(Term::Bce);
+  term["hinge"] = int64_t(Term::Hinge);
+  term["square"] = int64_t(Term::Square);
+  term["linear"] = int64_t(Term::Linear);
+  codes["recon"] = recon;
+  codes["reduction"] = reduction;
+  codes["term"] = term;
+  return codes;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -58,6 +77,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_forward_cpu", &genfast::dense_forward_cpu);
   m.def("dense_backward_cpu", &genfast::dense_backward_cpu);
   m.def("dense_eager", &genfast::dense_eager);
+  m.def("reparam_forward_cpu", &genfast::reparam_forward_cpu);
+  m.def("reparam_backward_cpu", &genfast::reparam_backward_cpu);
+  m.def("kl_forward_cpu", &genfast::kl_forward_cpu);
+  m.def("kl_backward_cpu", &genfast::kl_backward_cpu);
+  m.def("reparam_kl_forward_cpu", &genfast::reparam_kl_forward_cpu);
 #ifdef GENFAST_WITH_CUDA
   m.def("dense_forward_cuda", &genfast::dense_forward_cuda);
   m.def("dense_backward_cuda", &genfast::dense_backward_cuda);
@@ -66,5 +90,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kl_forward_cuda", &genfast::kl_forward_cuda);
   m.def("kl_backward_cuda", &genfast::kl_backward_cuda);
   m.def("reparam_kl_forward_cuda", &genfast::reparam_kl_forward_cuda);
+#endif
+  // losses
+  m.def("loss_codes", &loss_codes);
+  m.def("losses_elbo_forward_cpu", &genfast::losses_elbo_forward_cpu);
+  m.def("losses_gan_forward_cpu", &genfast::losses_gan_forward_cpu);
+#ifdef GENFAST_WITH_CUDA
+  m.def("losses_elbo_forward_cuda", &genfast::losses_elbo_forward_cuda);
+  m.def("losses_gan_forward_cuda", &genfast::losses_gan_forward_cuda);
 #endif
 }

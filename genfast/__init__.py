@@ -14,7 +14,8 @@ import torch
 from genfast import _extension, nn
 from genfast.activations import ACTIVATIONS
 from genfast.backend import available_backends, triton_version, use_backend
-from genfast.ops import fused_dense
+from genfast.ops import (discriminator_loss, elbo_loss, fused_dense, generator_loss, kl_divergence, r1_penalty,
+                         reparameterize, reparameterize_kl)
 
 try:
     __version__ = version("genfast")
@@ -40,4 +41,5 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["ACTIVATIONS", "available_backends", "build_info", "fused_dense", "nn", "use_backend"]
+__all__ = ["ACTIVATIONS", "available_backends", "build_info", "discriminator_loss", "elbo_loss", "fused_dense",
+           "generator_loss", "kl_divergence", "nn", "r1_penalty", "reparameterize", "reparameterize_kl", "use_backend"]

@@ -10,8 +10,9 @@ benchmarks = pytest.importorskip("benchmarks")
 pytest.importorskip("matplotlib", reason="the suite plots its results with matplotlib")
 
 
-def test_quick_cpu_run_writes_json_markdown_and_plot(tmp_path):
-    path = benchmarks.run(device="cpu", cases=["dense"], quick=True, out=tmp_path)
+@pytest.mark.parametrize("family", ["dense", "losses"])
+def test_quick_cpu_run_writes_json_markdown_and_plot(tmp_path, family):
+    path = benchmarks.run(device="cpu", cases=[family], quick=True, out=tmp_path)
     result = json.loads(path.read_text())
     header = result["header"]
     for key in ("git", "date", "device", "torch", "triton", "cuda", "genfast"):

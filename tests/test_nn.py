@@ -10,16 +10,6 @@ import genfast
 from genfast.nn import FusedLinear, convert, revert
 
 
-@pytest.fixture(autouse=True)
-def _kernel_backend():
-    """Pin the CPU kernel: layers this small would otherwise run as PyTorch's own ops."""
-    if genfast.backend.why_unusable("cpu", "cpu") is not None:
-        yield
-        return
-    with genfast.use_backend("cpu"):
-        yield
-
-
 def mnist_autoencoder() -> nn.Sequential:
     """The classic MNIST autoencoder: 784-600-400-200 with ReLU, mirrored decoder, Sigmoid output."""
     sizes = [784, 600, 400, 200]

@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from benchmarks.cases import dense
+from benchmarks.cases import dense, losses
 
-FAMILIES: dict[str, ModuleType] = {"dense": dense}
+FAMILIES: dict[str, ModuleType] = {"dense": dense, "losses": losses}

@@ -1,0 +1,108 @@
+// Vectorized helpers of the CPU kernels (losses, reparam): conversion to the math type in small
+// buffers, lane-wise sums in double, and the Gaussian KL of one row with its gradient.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace genfast {
+namespace cpu_math {
+
+using at::vec::Vectorized;
+constexpr int64_t kChunk = 256;  // elements per conversion buffer (half, bfloat16, uint8 -> float)
+
+// `len` values of src in the math type: src itself when it already is, else converted into buf and
+// multiplied by scale (uint8 pixels 0..255 -> 0..1 with scale 1/255).
+template <typename acc_t, typename src_t>
+const acc_t* as_math(const src_t* src, acc_t* buf, int64_t len, acc_t scale) {
+  if constexpr (std::is_same_v<src_t, acc_t>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, len);
+    const Vectorized<acc_t> vscale(scale);
+    if (scale != acc_t(1)) at::vec::map([vscale](Vectorized<acc_t> v) { return v * vscale; }, buf, buf, len);
+    return buf;
+  }
+}
+
+// Where a chunk's gradient goes: straight into out when it is in the math type, else into buf first.
+template <typename acc_t, typename scalar_t>
+acc_t* grad_slot(scalar_t* out, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) return out;
+  else return out ? buf : nullptr;
+}
+
+template <typename acc_t, typename scalar_t>
+void store_grad(const acc_t* buf, scalar_t* out, int64_t len) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    if (out) at::vec::convert(buf, out, len);
+  }
+}
+
+template <typename V>
+double lanes_sum(const V& v) {
+  typename V::value_type lanes[V::size()];
+  v.store(lanes);
+  double total = 0;
+  for (int t = 0; t < V::size(); ++t) total += lanes[t];
+  return total;
+}
+
+// Lane-wise sums in double of vectors of float or double, in the order they are added.
+class Fp64Sum {
+ public:
+  void add(const Vectorized<double>& v) { lo_ += v; }
+  void add(const Vectorized<float>& v) {
+#ifdef CPU_CAPABILITY_AVX2
+    lo_ += Vectorized<double>(_mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    hi_ += Vectorized<double>(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+#else
+    float lanes[Vectorized<float>::size()];
+    v.store(lanes);
+    for (float lane : lanes) rest_ += lane;
+#endif
+  }
+  double total() const { return lanes_sum(lo_) + lanes_sum(hi_) + rest_; }
+
+ private:
+  Vectorized<double> lo_{0}, hi_{0};
+  double rest_ = 0;
+};
+
+// KL(N(mu, exp(logvar)) || N(0, I)) of one row; its gradient times gscale goes to gmu, glv (if given).
+// In double: the latent rows are short, and fp32 terms would leave the KL's last bit to chance.
+template <typename scalar_t>
+double kl_row(const scalar_t* mu, const scalar_t* lv, scalar_t* gmu, scalar_t* glv, int64_t n, double gscale) {
+  using acc_t = double;
+  using V = Vectorized<acc_t>;
+  acc_t mbuf[kChunk], lbuf[kChunk], gmbuf[kChunk], glbuf[kChunk];
+  const V vg(static_cast<acc_t>(gscale)), half(0.5);
+  Fp64Sum sum;
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - j0);
+    const acc_t* ms = as_math(mu + j0, mbuf, len, acc_t(1));
+    const acc_t* ls = as_math(lv + j0, lbuf, len, acc_t(1));
+    acc_t* gm = grad_slot<acc_t>(gmu ? gmu + j0 : nullptr, gmbuf);
+    acc_t* gl = grad_slot<acc_t>(glv ? glv + j0 : nullptr, glbuf);
+    for (int64_t j = 0; j < len; j += V::size()) {
+      const int64_t m = std::min<int64_t>(V::size(), len - j);
+      const V mv = V::loadu(ms + j, m), lvv = V::loadu(ls + j, m);
+      const V em1 = lvv.expm1();  // exp(logvar) - 1 without cancellation near logvar = 0
+      sum.add(em1 - lvv + mv * mv);  // tail lanes: expm1(0) - 0 + 0 = 0
+      if (gm) {
+        (vg * mv).store(gm + j, m);
+        (vg * half * em1).store(gl + j, m);
+      }
+    }
+    store_grad(gmbuf, gmu ? gmu + j0 : nullptr, len);
+    store_grad(glbuf, glv ? glv + j0 : nullptr, len);
+  }
+  return 0.5 * sum.total();
+}
+
+}  // namespace cpu_math
+}  // namespace genfast
