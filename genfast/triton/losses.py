@@ -2,9 +2,9 @@
 
 ELBO: one program per row computes the row's reconstruction and KL sums (terms in fp32, summed in fp64
 to match the accuracy of eager's CPU sums) and writes the row's gradients; reductions "mean"/"sum" then
-take one single-program launch that adds the per-row sums in fp64 in index order. GAN (terms in fp64: a scalar loss of a few
-logits is then correctly rounded, where fp32 terms would leave its last bit to chance): one program
-per block of elements writes the gradients and the block's partial sums (or, for "none", each
+take one single-program launch that adds the per-row sums in fp64 in index order. GAN (terms in fp64: a
+scalar loss of a few logits is then correctly rounded, where fp32 terms would leave its last bit to
+chance): one program per block of elements writes the gradients and the block's partial sums (or, for "none", each
 element's loss); the same finishing launch adds the partials. Two launches at most, no atomics: the
 same bits run to run.
 Bytes as in losses.h, plus 16 bytes per row (ELBO) or per block (GAN) of fp64 partial sums.
