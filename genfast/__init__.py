@@ -14,8 +14,16 @@ import torch
 from genfast import _extension, nn
 from genfast.activations import ACTIVATIONS
 from genfast.backend import available_backends, triton_version, use_backend
-from genfast.ops import (discriminator_loss, elbo_loss, fused_dense, generator_loss, kl_divergence, r1_penalty,
-                         reparameterize, reparameterize_kl)
+from genfast.ops import (
+    discriminator_loss,
+    elbo_loss,
+    fused_dense,
+    generator_loss,
+    kl_divergence,
+    r1_penalty,
+    reparameterize,
+    reparameterize_kl,
+)
 
 try:
     __version__ = version("genfast")

@@ -106,22 +106,22 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if any(why_unusable(b, d) is None for d in devices)]
 
 
-def kernel(family: str, step: str, device: torch.device):
+def kernel(family: str, step: str, device: torch.device, module: str | None = None):
     """The `step` ("forward"/"backward") function of op `family` on the selected backend.
 
     Every backend names it the same way: ``genfast.reference.<family>_<step>``,
-    ``genfast.triton.<family>.<family>_<step>``, ``genfast._C.<family>_<step>_<cpu|cuda>``.
+    ``genfast.triton.<module>.<family>_<step>``, ``genfast._C.<family>_<step>_<cpu|cuda>``; the Triton
+    module is the family's own unless `module` names the op family's module (kl lives in reparam).
     """
-    return _kernel(family, step, select(device))
+    return _kernel(family, step, select(device), module or family)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(family: str, step: str, name: str):
+def _kernel(family: str, step: str, name: str, module: str):
     if name == "reference":
         from genfast import reference
 
         return getattr(reference, f"{family}_{step}")
     if name == "triton":
-        module = importlib.import_module(f"genfast.triton.{family}")
-        return getattr(module, f"{family}_{step}")
+        return getattr(importlib.import_module(f"genfast.triton.{module}"), f"{family}_{step}")
     return getattr(_extension._C, f"{family}_{step}_{name}")

@@ -133,7 +133,7 @@ def test_misaligned_storage_and_nd_shapes(kernels, offset, dtype):
     assert torch.equal(aligned_z, z), "the vector and the scalar path must give the same bits"
     aligned = (mu.clone(), logvar.clone())
     assert torch.equal(kernels.kl_forward_cuda(mu, logvar), kernels.kl_forward_cuda(*aligned))
-    grad_kl = torch.randn(21, device="cuda")
+    grad_kl = torch.randn(21, device="cuda", dtype=torch.float64)
     for ours, want in zip(kernels.kl_backward_cuda(grad_kl, mu, logvar), kernels.kl_backward_cuda(grad_kl, *aligned)):
         assert torch.equal(ours, want)
     torch.manual_seed(22)
@@ -181,10 +181,10 @@ def test_determinism_and_fresh_noise(kernels):
 def test_kl_forward_and_backward(kernels, shape, dtype):
     mu, logvar = inputs(shape, dtype)
     kl = kernels.kl_forward_cuda(mu, logvar)
-    assert kl.dtype == torch.float32 and kl.shape == (shape[0],)
+    assert kl.dtype == torch.float64 and kl.shape == (shape[0],)
     check_kl(f"{shape} {dtype}", kl, mu, logvar)
     assert torch.equal(kl, kernels.kl_forward_cuda(mu, logvar)), "the KL must be the same bits run to run"
-    grad_kl = torch.randn(shape[0], device="cuda")
+    grad_kl = torch.randn(shape[0], device="cuda", dtype=torch.float64)
     grad_mu, grad_logvar = kernels.kl_backward_cuda(grad_kl, mu, logvar)
     assert grad_mu.dtype == dtype and grad_logvar.shape == mu.shape
     check_kl_gradients(f"{shape} {dtype}", grad_mu, grad_logvar, grad_kl, mu, logvar)
@@ -233,12 +233,12 @@ def test_logvar_plus_minus_80(kernels, dtype):
         assert bool(torch.isfinite(z).all())
         check_sample("logvar +-80", z, mu, logvar, eps)
     assert bool(torch.isfinite(kl).all())
-    check_kl(f"logvar +-80 {dtype}", kl, mu.float(), logvar.float())  # eager in fp32, like our float32 kl
+    check_kl(f"logvar +-80 {dtype}", kl, mu.float(), logvar.float())  # eager in fp32, compared in float64
     grad_z = torch.randn_like(mu)
     grad_logvar = kernels.reparam_backward_cuda(grad_z, logvar, rng_state)
     if dtype != torch.float16:
         check_sample_gradient("logvar +-80", grad_logvar, grad_z, logvar, eps)
-    grad_mu, grad_logvar = kernels.kl_backward_cuda(torch.ones(64, device="cuda"), mu, logvar)
+    grad_mu, grad_logvar = kernels.kl_backward_cuda(torch.ones(64, device="cuda", dtype=torch.float64), mu, logvar)
     assert bool(torch.isfinite(grad_mu).all())
     assert bool(torch.isfinite(grad_logvar).all()) == (dtype != torch.float16), "0.5 (e^80 - 1) overflows fp16 only"
 
@@ -252,11 +252,11 @@ def test_empty_tensors(kernels, shape):
     assert z.shape == shape and rng_state.shape == (2,)
     assert kernels.reparam_backward_cuda(z, logvar, rng_state).shape == shape
     rows = math.prod(shape[:-1])
-    assert torch.equal(kernels.kl_forward_cuda(mu, logvar), torch.zeros(rows, device="cuda"))
-    grad_mu, grad_logvar = kernels.kl_backward_cuda(torch.ones(rows, device="cuda"), mu, logvar)
+    assert torch.equal(kernels.kl_forward_cuda(mu, logvar), torch.zeros(rows, device="cuda", dtype=torch.float64))
+    grad_mu, grad_logvar = kernels.kl_backward_cuda(torch.ones(rows, device="cuda", dtype=torch.float64), mu, logvar)
     assert grad_mu.shape == shape and grad_logvar.shape == shape
     z, _, kl = kernels.reparam_kl_forward_cuda(mu, logvar, None)
-    assert z.shape == shape and torch.equal(kl, torch.zeros(rows, device="cuda"))
+    assert z.shape == shape and torch.equal(kl, torch.zeros(rows, device="cuda", dtype=torch.float64))
     assert generator_offset() == offset
 
 
@@ -272,8 +272,8 @@ def test_bad_arguments_are_refused(kernels):
         (lambda: kernels.reparam_backward_cuda(mu, logvar, torch.zeros(3, dtype=torch.int64, device="cuda")), "shape"),
         (lambda: kernels.reparam_backward_cuda(mu, logvar, torch.zeros(2, device="cuda")), "int64"),
         (lambda: kernels.kl_forward_cuda(mu[0, 0], logvar[0, 0]), "dimension"),
-        (lambda: kernels.kl_backward_cuda(torch.ones(9, device="cuda"), mu, logvar), "shape"),
-        (lambda: kernels.kl_backward_cuda(torch.ones(10, device="cuda").half(), mu, logvar), "float32"),
+        (lambda: kernels.kl_backward_cuda(torch.ones(9, device="cuda", dtype=torch.float64), mu, logvar), "shape"),
+        (lambda: kernels.kl_backward_cuda(torch.ones(10, device="cuda").half(), mu, logvar), "Double"),
     ]
     for call, words in cases:
         with pytest.raises(RuntimeError, match=words):
@@ -366,9 +366,10 @@ def test_kl_rows_past_2_31(kernels):
     shape = (2, (1 << 30) + 4096)
     mu = torch.full(shape, 0.5, device="cuda", dtype=torch.bfloat16)
     logvar = torch.zeros(shape, device="cuda", dtype=torch.bfloat16)
-    expected = torch.full((2,), 2.0**27 + 512, device="cuda")
+    expected = torch.full((2,), 2.0**27 + 512, device="cuda", dtype=torch.float64)
     assert torch.equal(kernels.kl_forward_cuda(mu, logvar), expected)
-    grad_mu, grad_logvar = kernels.kl_backward_cuda(torch.tensor([1.0, 2.0], device="cuda"), mu, logvar)
+    grad_kl = torch.tensor([1.0, 2.0], device="cuda", dtype=torch.float64)
+    grad_mu, grad_logvar = kernels.kl_backward_cuda(grad_kl, mu, logvar)
     assert bool((grad_mu[0] == 0.5).all()) and bool((grad_mu[1] == 1.0).all())
     assert not bool(grad_logvar.any())
     del grad_mu, grad_logvar

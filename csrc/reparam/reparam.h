@@ -12,10 +12,12 @@
 //   z = mu + exp(0.5 * logvar) * eps, in mu's dtype, computed in fp32.
 // reparam_backward(grad_z, logvar, rng_state) -> grad_logvar
 //   grad_logvar = 0.5 * grad_z * eps * exp(0.5 * logvar)   (grad_mu is grad_z itself: no kernel)
-// kl_forward(mu, logvar) -> kl (rows,) in the math type: float64 for float64 inputs, else float32
+// kl_forward(mu, logvar) -> kl (rows,) in float64, whatever mu's dtype
 //   rows = numel / mu.size(-1); kl[r] = 0.5 * sum_j (expm1(logvar) - logvar + mu^2) over row r: each
-//   term in the math type, the sum in float64 in a fixed order (deterministic), rounded once.
-// kl_backward(grad_kl (rows,) in the math type, mu, logvar) -> {grad_mu, grad_logvar} in mu's dtype
+//   term in the math type (or better), the sum in float64 in a fixed order (deterministic). float64
+//   rows let the batch reduction (Python) round once: float32 rows, each rounded, then summed, leave
+//   the last bit of a scalar KL to chance.
+// kl_backward(grad_kl (rows,) in float64, mu, logvar) -> {grad_mu, grad_logvar} in mu's dtype
 //   grad_mu = grad_kl[r] * mu;  grad_logvar = 0.5 * grad_kl[r] * expm1(logvar)
 // reparam_kl_forward(mu, logvar, generator) -> {z, rng_state, kl}: both in one pass over mu and logvar.
 //

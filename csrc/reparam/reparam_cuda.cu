@@ -14,9 +14,9 @@
 //   reparam_forward:   z = mu + exp(0.5 logvar) eps.                           reads 2en, writes en.
 //   reparam_backward:  grad_logvar = 0.5 grad_z eps exp(0.5 logvar).           reads 2en, writes en.
 //   kl_rows:           kl[r] = 0.5 sum_j (expm1(logvar) - logvar + mu^2), optionally z as above in the
-//                      same pass (reparam_kl_forward).                          reads 2en, writes 4r (+ en);
+//                      same pass (reparam_kl_forward).                          reads 2en, writes 8r (+ en);
 //                      rows longer than kChunk add 16 bytes per chunk (fp64 partial sums, written and read).
-//   kl_backward:       grad_mu = g[r] mu, grad_logvar = 0.5 g[r] expm1(logvar). reads 2en + 4r, writes 2en.
+//   kl_backward:       grad_mu = g[r] mu, grad_logvar = 0.5 g[r] expm1(logvar). reads 2en + 8r, writes 2en.
 // expm1 instead of exp - 1: no cancellation for logvar near 0, where a VAE's posterior starts.
 //
 // KL reduction, deterministic and independent of the device and grid: a row is cut into chunks of
@@ -24,7 +24,7 @@
 // warp (each lane in its fixed order, then a shuffle butterfly). Rows of one chunk write kl directly;
 // longer rows write one partial per chunk, which a second kernel sums per row (one warp a row, same
 // scheme). No float atomics. Each term is computed in fp32 (double for double) and summed in fp64
-// (KlSum), so the float32 kl is the terms' sum rounded once. An fp32 sum of a long row is off by
+// (KlSum) and written in fp64 (reparam.h says why). An fp32 sum of a long row is off by
 // several ulps, about as much as eager PyTorch's own sum, and on a few rows the tolerance rule (2x
 // eager's error) would pass or fail by luck. One fp64 add per element is cheap in a memory-bound pass.
 #include <ATen/OpMathType.h>
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, bool kAligned, bool kSample>
 __global__ void __launch_bounds__(kThreads)
     kl_rows_kernel(const T* __restrict__ mu, const T* __restrict__ logvar, T* __restrict__ z,
-                   at::opmath_type<T>* __restrict__ kl,
+                   KlSum* __restrict__ kl,
                    KlSum* __restrict__ partial, int64_t rows, int64_t cols, int64_t chunks, int lanes,
                    at::PhiloxCudaState philox, int64_t* __restrict__ rng_state) {
   using acc_t = at::opmath_type<T>;
@@ -183,30 +183,29 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int o = lanes / 2; o > 0; o /= 2) sum += __shfl_xor_sync(kFullMask, sum, o);
     if (task < tasks && lane % lanes == 0) {
-      if (chunks == 1) kl[task] = static_cast<acc_t>(0.5 * sum);
+      if (chunks == 1) kl[task] = 0.5 * sum;
       else partial[task] = sum;
     }
   }
 }
 
 // kl[r] = 0.5 * sum of row r's chunk partials: one warp per row, lane l summing chunks l, l + 32, ...
-template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    kl_partials_kernel(const KlSum* __restrict__ partial, acc_t* __restrict__ kl, int64_t rows, int64_t chunks) {
+    kl_partials_kernel(const KlSum* __restrict__ partial, KlSum* __restrict__ kl, int64_t rows, int64_t chunks) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = int64_t(gridDim.x) * blockDim.x / kWarp;
   for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp; row < rows; row += warps) {
     KlSum sum = 0;
     for (int64_t c = lane; c < chunks; c += kWarp) sum += partial[row * chunks + c];
     for (int o = kWarp / 2; o > 0; o /= 2) sum += __shfl_xor_sync(kFullMask, sum, o);
-    if (lane == 0) kl[row] = static_cast<acc_t>(0.5 * sum);
+    if (lane == 0) kl[row] = 0.5 * sum;
   }
 }
 
 // Elementwise over groups of 4; each element's row from a running (row, column) pair: one division a group.
 template <typename T, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
-    kl_backward_kernel(const at::opmath_type<T>* __restrict__ grad_kl, const T* __restrict__ mu, const T* __restrict__ logvar,
+    kl_backward_kernel(const KlSum* __restrict__ grad_kl, const T* __restrict__ mu, const T* __restrict__ logvar,
                        T* __restrict__ grad_mu, T* __restrict__ grad_logvar, int64_t n, int64_t cols) {
   using acc_t = at::opmath_type<T>;
   const int64_t groups = ceil_div(n, 4);
@@ -291,7 +290,7 @@ void launch_kl_rows(const at::Tensor& mu, const at::Tensor& logvar, at::Tensor* 
       dispatch_flag(z != nullptr, [&](auto kSample) {
         constexpr bool kA = decltype(kAligned)::value, kS = decltype(kSample)::value;
         kl_rows_kernel<scalar_t, kA, kS><<<blocks_for(warps * kWarp), kThreads, 0, stream>>>(
-            mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), z_ptr, kl.data_ptr<at::opmath_type<scalar_t>>(),
+            mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), z_ptr, kl.data_ptr<KlSum>(),
             partial_ptr, rows,
             cols, chunks, lanes, philox, rng_state ? rng_state->data_ptr<int64_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -299,7 +298,7 @@ void launch_kl_rows(const at::Tensor& mu, const at::Tensor& logvar, at::Tensor* 
     });
     if (chunks > 1) {
       kl_partials_kernel<<<blocks_for(rows * kWarp), kThreads, 0, stream>>>(
-          partial_ptr, kl.data_ptr<at::opmath_type<scalar_t>>(), rows, chunks);
+          partial_ptr, kl.data_ptr<KlSum>(), rows, chunks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -308,7 +307,7 @@ void launch_kl_rows(const at::Tensor& mu, const at::Tensor& logvar, at::Tensor* 
 at::Tensor new_rng_state(const at::Tensor& mu) { return at::empty({2}, mu.options().dtype(at::kLong)); }
 
 // kl is in the math type: float64 for float64 inputs, float32 for the others.
-at::ScalarType kl_dtype(const at::Tensor& mu) { return mu.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType kl_dtype(const at::Tensor&) { return at::kDouble; }
 
 }  // namespace
 
@@ -389,7 +388,7 @@ std::vector<at::Tensor> kl_backward_cuda(const at::Tensor& grad_kl, const at::Te
     dispatch_flag(aligned, [&](auto kAligned) {
       constexpr bool kA = decltype(kAligned)::value;
       kl_backward_kernel<scalar_t, kA><<<blocks_for(ceil_div(n, 4)), kThreads, 0, stream>>>(
-          grad_kl.data_ptr<at::opmath_type<scalar_t>>(), mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(),
+          grad_kl.data_ptr<KlSum>(), mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(),
           grad_mu.data_ptr<scalar_t>(), grad_logvar.data_ptr<scalar_t>(), n, mu.size(-1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -2,5 +2,6 @@
 
 from genfast.nn.convert import convert, revert
 from genfast.nn.linear import FusedLinear
+from genfast.nn.reparameterize import Reparameterize
 
-__all__ = ["FusedLinear", "convert", "revert"]
+__all__ = ["FusedLinear", "Reparameterize", "convert", "revert"]

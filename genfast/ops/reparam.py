@@ -1,0 +1,285 @@
+"""genfast::reparameterize, genfast::kl_rows, genfast::reparameterize_kl: sampling and the Gaussian KL.
+
+Sampling draws its noise inside the kernel from a counter-based Philox stream (csrc/common/philox.h)
+and returns the (seed, offset) pair it used, rng_state; backward regenerates the same noise from it, so
+nothing of mu's shape is saved. grad_mu is grad_z itself. The KL is computed per row of the last
+dimension in float64 and reduced over the batch here, then rounded once to mu's dtype.
+
+Eager calls go through autograd.Functions (a custom op's Python dispatch costs more than the kernels
+of a small latent); under torch.compile the custom ops run, tagged nondeterministic_seeded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from genfast import backend
+from genfast.ops._checks import check_same, check_tensor
+from genfast.reference import KL_ROWS_DTYPE
+
+_REDUCTIONS = ("none", "sum", "mean")
+_SEEDED = (torch.Tag.nondeterministic_seeded,)
+
+torch.library.define("genfast::reparameterize", "(Tensor mu, Tensor logvar, Generator? generator=None) -> "
+                     "(Tensor, Tensor)", tags=_SEEDED)
+torch.library.define("genfast::reparameterize_kl", "(Tensor mu, Tensor logvar, Generator? generator=None) -> "
+                     "(Tensor, Tensor, Tensor)", tags=_SEEDED)
+
+
+def _kernel(family: str, step: str, device: torch.device):
+    return backend.kernel(family, step, device, module="reparam")
+
+
+@torch.library.impl("genfast::reparameterize", "default")
+def _reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None):
+    return tuple(_kernel("reparam", "forward", mu.device)(mu.contiguous(), logvar.contiguous(), generator))
+
+
+@torch.library.impl("genfast::reparameterize_kl", "default")
+def _reparameterize_kl(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None):
+    return tuple(_kernel("reparam_kl", "forward", mu.device)(mu.contiguous(), logvar.contiguous(), generator))
+
+
+def _rows(mu: Tensor) -> int:
+    rows = 1
+    for size in mu.shape[:-1]:
+        rows *= size
+    return rows
+
+
+@torch.library.register_fake("genfast::reparameterize")
+def _(mu, logvar, generator=None):
+    return torch.empty_like(mu, memory_format=torch.contiguous_format), mu.new_empty(2, dtype=torch.int64)
+
+
+@torch.library.register_fake("genfast::reparameterize_kl")
+def _(mu, logvar, generator=None):
+    return (torch.empty_like(mu, memory_format=torch.contiguous_format), mu.new_empty(2, dtype=torch.int64),
+            mu.new_empty(_rows(mu), dtype=KL_ROWS_DTYPE))
+
+
+@torch.library.custom_op("genfast::reparameterize_backward", mutates_args=())
+def _reparameterize_backward(grad_z: Tensor, logvar: Tensor, rng_state: Tensor) -> Tensor:
+    return _kernel("reparam", "backward", logvar.device)(grad_z.contiguous(), logvar.contiguous(), rng_state)
+
+
+@_reparameterize_backward.register_fake
+def _(grad_z, logvar, rng_state):
+    return torch.empty_like(logvar, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("genfast::kl_rows", mutates_args=())
+def _kl_rows(mu: Tensor, logvar: Tensor) -> Tensor:
+    return _kernel("kl", "forward", mu.device)(mu.contiguous(), logvar.contiguous())
+
+
+@_kl_rows.register_fake
+def _(mu, logvar):
+    return mu.new_empty(_rows(mu), dtype=KL_ROWS_DTYPE)
+
+
+@torch.library.custom_op("genfast::kl_rows_backward", mutates_args=())
+def _kl_rows_backward(grad_kl: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
+    return tuple(_kernel("kl", "backward", mu.device)(grad_kl.contiguous(), mu.contiguous(), logvar.contiguous()))
+
+
+@_kl_rows_backward.register_fake
+def _(grad_kl, mu, logvar):
+    return (torch.empty_like(mu, memory_format=torch.contiguous_format),
+            torch.empty_like(logvar, memory_format=torch.contiguous_format))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autograd: one rule per op, shared by the custom ops (compile) and the autograd.Functions (eager).
+
+def _sample_gradients(ctx, grad_z: Tensor | None, backward) -> tuple[Tensor | None, Tensor | None]:
+    logvar, rng_state = ctx.saved_tensors[:2]
+    if grad_z is None:
+        return None, None
+    grad_logvar = backward(grad_z, logvar, rng_state) if ctx.needs_input_grad[1] else None
+    return grad_z if ctx.needs_input_grad[0] else None, grad_logvar
+
+
+def _kl_gradients(ctx, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor, backward):
+    if grad_kl is None:
+        return None, None
+    return tuple(backward(grad_kl.to(KL_ROWS_DTYPE), mu, logvar))
+
+
+def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _no_double_backward(op: str) -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"genfast {op} has no double backward (backward with create_graph=True)")
+
+
+def _setup_sample(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[1], output[1])
+
+
+def _reparameterize_autograd(ctx, grad_z, _grad_state):
+    _no_double_backward("reparameterize")
+    return (*_sample_gradients(ctx, grad_z, _reparameterize_backward), None)
+
+
+torch.library.register_autograd("genfast::reparameterize", _reparameterize_autograd, setup_context=_setup_sample)
+
+
+def _setup_kl(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _kl_autograd(ctx, grad_kl):
+    _no_double_backward("kl_divergence")
+    return _kl_gradients(ctx, grad_kl, *ctx.saved_tensors, _kl_rows_backward)
+
+
+_kl_rows.register_autograd(_kl_autograd, setup_context=_setup_kl)
+
+
+def _setup_sample_kl(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[1], output[1], inputs[0])
+
+
+def _sample_kl_gradients(ctx, grad_z, grad_kl, sample_backward, kl_backward):
+    _no_double_backward("reparameterize_kl")
+    logvar, _, mu = ctx.saved_tensors
+    grad_mu, grad_logvar = _sample_gradients(ctx, grad_z, sample_backward)
+    kl_mu, kl_logvar = _kl_gradients(ctx, grad_kl, mu, logvar, kl_backward)
+    return _plus(grad_mu, kl_mu), _plus(grad_logvar, kl_logvar)
+
+
+torch.library.register_autograd(
+    "genfast::reparameterize_kl",
+    lambda ctx, grad_z, _grad_state, grad_kl: (*_sample_kl_gradients(ctx, grad_z, grad_kl, _reparameterize_backward,
+                                                                     _kl_rows_backward), None),
+    setup_context=_setup_sample_kl)
+
+
+def _eager_kernel(family: str, step: str):
+    """The backend's kernel, inputs made contiguous (as the custom ops do)."""
+    def call(*tensors):
+        device = next(t.device for t in tensors if isinstance(t, Tensor))
+        return _kernel(family, step, device)(*(t.contiguous() if isinstance(t, Tensor) else t for t in tensors))
+    return call
+
+
+class _EagerReparameterize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, logvar, generator):
+        z, rng_state = _eager_kernel("reparam", "forward")(mu, logvar, generator)
+        _setup_sample(ctx, (mu, logvar), (z, rng_state))
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        _no_double_backward("reparameterize")
+        return (*_sample_gradients(ctx, grad_z, _eager_kernel("reparam", "backward")), None)
+
+
+class _EagerKl(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, logvar):
+        _setup_kl(ctx, (mu, logvar), None)
+        return _eager_kernel("kl", "forward")(mu, logvar)
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        _no_double_backward("kl_divergence")
+        return _kl_gradients(ctx, grad_kl, *ctx.saved_tensors, _eager_kernel("kl", "backward"))
+
+
+class _EagerReparameterizeKl(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, logvar, generator):
+        z, rng_state, kl = _eager_kernel("reparam_kl", "forward")(mu, logvar, generator)
+        ctx.mark_non_differentiable(rng_state)
+        _setup_sample_kl(ctx, (mu, logvar), (z, rng_state))
+        return z, kl
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        return (*_sample_kl_gradients(ctx, grad_z, grad_kl, _eager_kernel("reparam", "backward"),
+                                      _eager_kernel("kl", "backward")), None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+
+def _check_pair(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> None:
+    check_tensor("mu", mu)
+    check_tensor("logvar", logvar)
+    check_same(("mu", "logvar"), (mu, logvar))
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar: expected mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != mu.device.type:
+            raise ValueError(f"generator: is a {generator.device.type} generator but mu is on {mu.device}")
+        if torch.compiler.is_compiling():
+            raise RuntimeError("generator: torch.compile cannot trace a torch.Generator argument; seed the "
+                               "default generator with torch.manual_seed instead")
+
+
+def _check_kl(mu: Tensor, reduction: str) -> None:
+    if mu.dim() < 1:
+        raise ValueError("mu: expected at least one dimension (the latent one), got a scalar")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    if reduction == "mean" and _rows(mu) == 0:
+        raise ValueError(f"mu: the mean over an empty batch is undefined (shape {tuple(mu.shape)}); "
+                         "use reduction='sum' or 'none'")
+
+
+def _reduce(rows: Tensor, mu: Tensor, reduction: str) -> Tensor:
+    """Per-row KL (math type) -> per sample (mu.shape[:-1]), sum or mean, in mu's dtype."""
+    if reduction == "none":
+        return rows.view(mu.shape[:-1]).to(mu.dtype)
+    return (rows.mean() if reduction == "mean" else rows.sum()).to(mu.dtype)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """z = mu + exp(0.5 * logvar) * eps, eps ~ N(0, I) drawn inside the kernel; backward stores no noise.
+
+    Args:
+        mu, logvar: the same shape, dtype (float16/bfloat16/float32/float64) and device.
+        generator: the torch.Generator to seed from (default: the device's); eager mode only.
+    Returns:
+        z of mu's shape and dtype (computed in fp32, fp64 for float64). grad_mu = grad_z,
+        grad_logvar = 0.5 * grad_z * eps * exp(0.5 * logvar) with the very eps of the forward.
+    """
+    _check_pair(mu, logvar, generator)
+    if torch.compiler.is_compiling():
+        return torch.ops.genfast.reparameterize(mu, logvar)[0]
+    return _EagerReparameterize.apply(mu, logvar, generator)
+
+
+def kl_divergence(mu: Tensor, logvar: Tensor, reduction: str = "mean") -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last dimension, then reduced over the rest.
+
+    Args:
+        mu, logvar: (..., latent), the same dtype and device.
+        reduction: "none" (per sample, shape mu.shape[:-1]), "sum" or "mean" over the samples.
+    Returns:
+        in mu's dtype; per-sample sums and the reduction in fp64, rounded once.
+    """
+    _check_pair(mu, logvar)
+    _check_kl(mu, reduction)
+    rows = _kl_rows(mu, logvar) if torch.compiler.is_compiling() else _EagerKl.apply(mu, logvar)
+    return _reduce(rows, mu, reduction)
+
+
+def reparameterize_kl(mu: Tensor, logvar: Tensor, reduction: str = "mean",
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """(reparameterize(mu, logvar), kl_divergence(mu, logvar, reduction)) in one pass over mu and logvar."""
+    _check_pair(mu, logvar, generator)
+    _check_kl(mu, reduction)
+    if torch.compiler.is_compiling():
+        z, _, rows = torch.ops.genfast.reparameterize_kl(mu, logvar)
+    else:
+        z, rows = _EagerReparameterizeKl.apply(mu, logvar, generator)
+    return z, _reduce(rows, mu, reduction)
