@@ -1,8 +1,8 @@
 // CPU backend of reparameterization sampling and the Gaussian KL (contract in reparam.h).
 //
 // Noise: eps[i] = lane i % 4 of the Philox group i / 4 (common/philox.h). kChunk elements at a time,
-// the Philox bits of every group the chunk touches are made with scalar integer math, then Box-Muller
-// runs on vectors (log, sqrt, sin, cos of at::vec, SLEEF at 1 ulp). The noise is a function of the
+// the Philox bits of every group the chunk touches are made 8 groups at a time (AVX2 integer lanes; the
+// scalar engine of philox.h for the rest), then Box-Muller runs on vectors (log, sqrt, sin, cos of at::vec, SLEEF at 1 ulp). The noise is a function of the
 // element index alone, so neither the thread count nor the cut of the work changes a bit.
 // Seed: one random64() draw from the CPU generator, under its lock; offset 0.
 //
@@ -32,20 +32,71 @@ struct NoiseState {
   uint64_t seed, offset;
 };
 
+#ifdef CPU_CAPABILITY_AVX2
+// (hi, lo): the 32-bit halves of a * b in each of 8 lanes (b: the same 32-bit constant in every lane).
+inline void mulhilo8(__m256i a, __m256i b, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, b);                         // lanes 0, 2, 4, 6, as 64-bit products
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), b);  // lanes 1, 3, 5, 7
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+inline __m256 uniform8(__m256i bits) {  // philox_uniform of each lane, the same float operations
+  const __m256 integer = _mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 8));
+  return _mm256_mul_ps(_mm256_add_ps(integer, _mm256_set1_ps(0.5f)), _mm256_set1_ps(5.9604644775390625e-08f));
+}
+
+// Uniform pairs of groups g .. g + 7 (philox_bits4 of each, 8 at a time): pair 2j from words (0, 1) of
+// group g + j, pair 2j + 1 from words (2, 3), radius and angle uniforms at radius_u[0, 16), angle_u[0, 16).
+// Needs uint32(g) + 7 not to wrap (the caller checks).
+void philox_pairs8(NoiseState state, uint64_t g, float* radius_u, float* angle_u) {
+  __m256i c0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(state.offset)));
+  __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(state.offset >> 32)));
+  __m256i c2 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))),
+                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32)));
+  uint32_t k0 = static_cast<uint32_t>(state.seed), k1 = static_cast<uint32_t>(state.seed >> 32);
+  const __m256i multiplier_a = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i multiplier_b = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  for (int round = 0; round < 10; ++round, k0 += 0x9E3779B9u, k1 += 0xBB67AE85u) {
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo8(c0, multiplier_a, hi0, lo0);
+    mulhilo8(c2, multiplier_b, hi1, lo1);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c1 = lo1;
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c3 = lo0;
+  }
+  // Interleave words 0 and 2 (radius), 1 and 3 (angle) into pair order.
+  const auto store_pairs = [](__m256 first, __m256 second, float* out) {
+    const __m256 lo = _mm256_unpacklo_ps(first, second), hi = _mm256_unpackhi_ps(first, second);
+    _mm256_storeu_ps(out, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  };
+  store_pairs(uniform8(c0), uniform8(c2), radius_u);
+  store_pairs(uniform8(c1), uniform8(c3), angle_u);
+}
+#endif
+
 // eps[first, first + len) (len <= kChunk) into buf (kChunk + 8 floats); returns where they start.
 const float* fill_noise(NoiseState state, int64_t first, int64_t len, float* buf) {
   using V = Vectorized<float>;
-  constexpr int64_t kPairs = kChunk / 2 + 4;  // Box-Muller pairs of the groups a chunk can touch
+  constexpr int64_t kPairs = kChunk / 2 + 16;  // Box-Muller pairs of the groups a chunk can touch, rounded up
   float radius_u[kPairs], angle_u[kPairs], cos_part[kPairs], sin_part[kPairs];
   const int64_t g0 = first / 4, g1 = (first + len + 3) / 4;
-  int64_t pairs = 0;
-  for (int64_t g = g0; g < g1; ++g) {
+  int64_t g = g0;
+#ifdef CPU_CAPABILITY_AVX2
+  for (; g + 8 <= g1 && static_cast<uint32_t>(g) <= 0xFFFFFFF8u; g += 8)
+    philox_pairs8(state, static_cast<uint64_t>(g), radius_u + 2 * (g - g0), angle_u + 2 * (g - g0));
+#endif
+  for (; g < g1; ++g) {
     const Bits4 bits = philox_bits4(state.seed, state.offset, static_cast<uint64_t>(g));
-    for (int k = 0; k < 4; k += 2, ++pairs) {
-      radius_u[pairs] = philox_uniform(bits.v[k]);
-      angle_u[pairs] = philox_uniform(bits.v[k + 1]);
+    for (int k = 0; k < 4; k += 2) {
+      radius_u[2 * (g - g0) + k / 2] = philox_uniform(bits.v[k]);
+      angle_u[2 * (g - g0) + k / 2] = philox_uniform(bits.v[k + 1]);
     }
   }
+  const int64_t pairs = 2 * (g1 - g0);
   const V minus_two(-2.0f), two_pi(6.283185307179586f);
   for (int64_t p = 0; p < pairs; p += V::size()) {
     const int64_t m = std::min<int64_t>(V::size(), pairs - p);
