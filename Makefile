@@ -36,9 +36,9 @@ $(VENV)/.deps: Makefile pyproject.toml
 	fi
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
 	$(PY) -c "import pytest, numpy, setuptools, wheel" 2>/dev/null || $(PY) -m pip install pytest numpy wheel "setuptools>=64"
-	@# Optional (faster builds, Triton, plots, progress bars, statistics): a machine without network goes on without.
-	$(PY) -c "import ninja, scipy, matplotlib, tqdm, triton" 2>/dev/null || \
-	  $(PY) -m pip install ninja scipy matplotlib tqdm triton || echo "warning: optional packages missing"
+	@# Optional (faster builds, Triton, plots, progress bars, statistics, the bundled digits data): a machine without network goes on without.
+	$(PY) -c "import ninja, scipy, matplotlib, tqdm, triton, sklearn" 2>/dev/null || \
+	  $(PY) -m pip install ninja scipy matplotlib tqdm triton scikit-learn || echo "warning: optional packages missing"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

@@ -17,7 +17,8 @@ from benchmarks.environment import slug  # noqa: E402
 _METHOD = ("Median of many calls after warm-up ({clock}); the contenders alternate for {rounds} round(s), "
            "each keeping its best median. Ratios are baseline time / genfast time: "
            "> 1 means genfast is faster. forward runs as in training (the inputs that take gradients require them); "
-           "backward is timed alone on a retained graph; both is forward + backward.")
+           "backward is timed alone on a retained graph; both is forward + backward; "
+           "a train step is forward, backward and the optimizer step (steps/s from the same median).")
 
 
 def write(out: Path, header: dict, rows: list[dict], suffix: str = "") -> Path:
@@ -65,7 +66,8 @@ def markdown(header: dict, rows: list[dict]) -> str:
     fractions = [(key, label) for key, label in (("matmul_fraction", "matmul rate"),
                                                  ("bandwidth_fraction", "bandwidth"))
                  if any(key in r for row in rows for r in row["results"].values())]
-    columns = (["case"] + [f"{n} ms" for n in names] + ratios
+    steps = any("steps_per_s" in r for row in rows for r in row["results"].values())
+    columns = (["case"] + [f"{n} ms" for n in names] + ([f"{n} steps/s" for n in names] if steps else []) + ratios
                + [f"peak MB ({' / '.join(names)})" if on_gpu else "peak MB"]
                + ([f"{n} % of {label}" for _, label in fractions for n in genfast_names]
                   + [f"kernels ({' / '.join(names)})"] if on_gpu else []))
@@ -76,6 +78,8 @@ def markdown(header: dict, rows: list[dict]) -> str:
     for row in rows:
         results = row["results"]
         cells = [row["case"]] + [_ms(results[n]["median_ms"]) if n in results else "—" for n in names]
+        if steps:
+            cells += [_ms(results[n].get("steps_per_s")) if n in results else "—" for n in names]
         cells += [f"{row['ratios'][key]:.2f}" if key in row["ratios"] else "—" for key in ratios]
         if on_gpu:
             cells.append(" / ".join(f"{results[n]['peak_bytes'] / 2**20:.1f}" if n in results else "—"

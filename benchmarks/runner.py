@@ -86,6 +86,8 @@ def _row(family, case, device: torch.device, config: timing.TimingConfig, flush_
     results = {name: dataclasses.asdict(measured) for name, measured in best.items()}
     for name, result in results.items():
         seconds = result["median_ms"] / 1e3
+        if getattr(case, "steps", 0):  # training cases: optimizer steps per timed call
+            result["steps_per_s"] = case.steps / seconds
         if case.flops and case.dtype in rates:
             result["matmul_fraction"] = case.flops / seconds / rates[case.dtype]
         if bandwidth and hasattr(case, "bytes"):

@@ -10,7 +10,7 @@ benchmarks = pytest.importorskip("benchmarks")
 pytest.importorskip("matplotlib", reason="the suite plots its results with matplotlib")
 
 
-@pytest.mark.parametrize("family", ["dense", "losses", "reparam"])
+@pytest.mark.parametrize("family", ["dense", "losses", "reparam", "training"])
 def test_quick_cpu_run_writes_json_markdown_and_plot(tmp_path, family):
     path = benchmarks.run(device="cpu", cases=[family], quick=True, out=tmp_path)
     result = json.loads(path.read_text())

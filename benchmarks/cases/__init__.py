@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from benchmarks.cases import dense, losses, reparam
+from benchmarks.cases import dense, losses, reparam, training
 
-FAMILIES: dict[str, ModuleType] = {"dense": dense, "losses": losses, "reparam": reparam}
+FAMILIES: dict[str, ModuleType] = {"dense": dense, "losses": losses, "reparam": reparam, "training": training}

@@ -35,7 +35,7 @@ class VAE(TwinModel):
         self.in_features, self.latent, self.beta = in_features, latent, float(beta)
         self.encoder = mlp((in_features, *hidden, 2 * latent), nn.ReLU())
         self.decoder = mlp((latent, *hidden[::-1], in_features), nn.ReLU())
-        self.sample_z = Reparameterize()
+        self.sample_z: nn.Module = Reparameterize() if fused else PlainReparameterize()
         self._finish(fused)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,12 +50,8 @@ class VAE(TwinModel):
         mu, logvar = self.encode(x)
         if eps is not None:
             z = mu + torch.exp(0.5 * logvar) * eps
-        elif not self.training:
-            z = mu
-        elif self.fused:
-            z = self.sample_z(mu, logvar)
         else:
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+            z = self.sample_z(mu, logvar)  # mu in eval mode
         return self.decoder(z), mu, logvar, z
 
     def loss(self, x: Tensor, eps: Tensor | None = None, return_terms: bool = False):
@@ -82,8 +78,28 @@ class VAE(TwinModel):
         """The decoded posterior mean of x: probabilities of x's flattened shape."""
         return torch.sigmoid(self.decoder(self.encode(x)[0]))
 
+    def plain(self) -> "VAE":
+        twin = super().plain()
+        twin.sample_z = PlainReparameterize()
+        return twin
+
+    def fused_copy(self) -> "VAE":
+        twin = super().fused_copy()
+        twin.sample_z = Reparameterize()
+        return twin
+
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+
+class PlainReparameterize(nn.Module):
+    """The sampling step as plain PyTorch writes it (eps from torch.randn_like, kept for backward); mu in
+    eval mode, like genfast.nn.Reparameterize."""
+
+    def forward(self, mu: Tensor, logvar: Tensor) -> Tensor:
+        if not self.training:
+            return mu
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)

@@ -1,0 +1,94 @@
+"""The `genfast` command: `genfast train MODEL ...` trains a model, `genfast bench ...` runs the benchmark
+suite of the source tree (its arguments go to `python -m benchmarks`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from genfast.data import IMAGE_DATA
+
+
+def train_parser(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a model (also under torchrun --nproc_per_node N)",
+                                   description="Train a model; pictures, loss curves and checkpoint.pt go to --out.")
+    parser.add_argument("model", choices=("autoencoder", "vae", "gan", "lm"))
+    parser.add_argument("--data", default=None,
+                        help=f"images: {', '.join(IMAGE_DATA)} (default digits); lm: a UTF-8 text file "
+                             "(default: a bundled essay)")
+    parser.add_argument("--data-dir", default=None, help="folder of MNIST's IDX files (--data mnist)")
+    parser.add_argument("--subset", type=int, default=None, help="train on the first N examples only")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs in all (with --resume: including those done)")
+    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--lr", type=float, default=None, help="default 1e-3 (gan on 784 features: 2e-4)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    parser.add_argument("--l1", type=float, default=0.0, help="add l1 * sum |w| over weights to the loss")
+    parser.add_argument("--l2", type=float, default=0.0, help="add l2 * sum w^2 over weights to the loss")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda when present)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="output folder (default runs/MODEL)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    twin = parser.add_mutually_exclusive_group()
+    twin.add_argument("--fused", dest="fused", action="store_true", default=True,
+                      help="genfast's fused layers and ops (default)")
+    twin.add_argument("--plain", dest="fused", action="store_false", help="the plain PyTorch twin, to compare")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from genfast.train import train
+
+    out = args.out or f"runs/{args.model}"
+    result = train(args.model, data=args.data, data_dir=args.data_dir, epochs=args.epochs,
+                   batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, l1=args.l1, l2=args.l2,
+                   device=args.device, seed=args.seed, fused=args.fused, out=out, resume=args.resume,
+                   subset=args.subset, progress=args.progress)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 speaks for all
+        last = "".join(f", {name} {values[-1]:.4f}" for name, values in result.history.items() if values)
+        print(f"{args.model}: {result.epochs} epochs{last}, {result.samples_per_second:.0f} samples/s; "
+              f"wrote {result.out}/")
+    return 0
+
+
+def run_bench(arguments: list[str]) -> int:
+    """`python -m benchmarks` with these arguments. The suite lives in the source tree, beside the
+    genfast package, and is not part of a wheel."""
+    try:
+        bench = importlib.import_module("benchmarks.__main__")
+    except ImportError:
+        tree = Path(__file__).resolve().parent.parent
+        if not (tree / "benchmarks" / "__main__.py").is_file():
+            print("genfast bench: the benchmark suite (benchmarks/) is not installed with genfast; run it "
+                  "from a source checkout: genfast bench ... or python -m benchmarks ...", file=sys.stderr)
+            return 2
+        sys.path.insert(0, str(tree))  # an editable install: the checkout beside the package
+        bench = importlib.import_module("benchmarks.__main__")
+    sys.argv = ["genfast bench", *arguments]
+    bench.main()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="genfast", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    train_parser(subparsers)
+    # No options of its own (not even --help): everything after `bench` is the suite's.
+    subparsers.add_parser("bench", help="run the benchmark suite (arguments of python -m benchmarks)",
+                          add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return run_bench(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return run_train(args)
+    except (FileNotFoundError, ValueError, ModuleNotFoundError) as error:
+        print(f"genfast train: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
