@@ -16,7 +16,7 @@ test: $(VENV)/.built
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.built
-	$(PY) -m benchmarks $(BENCH_ARGS)
+	$(PY) -m genfast bench $(BENCH_ARGS)
 
 wheel: $(VENV)/.deps
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
