@@ -65,7 +65,10 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation(
             "leaky_relu", 2, "mask",
             lambda z, slope: torch.nn.functional.leaky_relu(z, slope),
-            lambda positive, slope: torch.where(positive, 1.0, slope), torch.nn.LeakyReLU,
+            # slope as a float64 tensor: two Python numbers would make a float32 result, rounding the slope
+            lambda positive, slope: torch.where(positive, 1.0, torch.tensor(slope, dtype=torch.float64,
+                                                                            device=positive.device)),
+            torch.nn.LeakyReLU,
         ),
         Activation(
             "gelu", 3, "preact", lambda z, _: torch.nn.functional.gelu(z),
