@@ -59,9 +59,33 @@ V gan_term(V x, V p, V& grad) {
 // ---------------------------------------------------------------------------------------------------
 // ELBO
 
-// Sum over one row of the reconstruction loss; its gradient times gscale goes to grad (if given).
-template <Recon R, typename scalar_t, typename target_t>
-double recon_row(const scalar_t* x, const target_t* t, scalar_t* grad, int64_t n, double tscale, double gscale) {
+// Sum over one row of the squared error in double (the difference of two fp32 values and its square are
+// exact or nearly: a one-element loss is then correctly rounded); gradient times gscale to grad.
+template <typename scalar_t, typename target_t>
+double mse_row(const scalar_t* x, const target_t* t, scalar_t* grad, int64_t n, double tscale, double gscale) {
+  using V = Vectorized<double>;
+  double xbuf[kChunk], tbuf[kChunk], gbuf[kChunk];
+  const V vg(2 * gscale);
+  Fp64Sum sum;
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - j0);
+    const double* xs = as_math(x + j0, xbuf, len, 1.0);
+    const double* ts = as_math(t + j0, tbuf, len, tscale);
+    double* gs = grad_slot<double>(grad ? grad + j0 : nullptr, gbuf);
+    for (int64_t j = 0; j < len; j += V::size()) {
+      const int64_t m = std::min<int64_t>(V::size(), len - j);
+      const V d = V::loadu(xs + j, m) - V::loadu(ts + j, m);
+      sum.add(d * d);  // tail lanes: 0
+      if (gs) (vg * d).store(gs + j, m);
+    }
+    store_grad(gbuf, grad ? grad + j0 : nullptr, len);
+  }
+  return sum.total();
+}
+
+// Sum over one row of the BCE-with-logits loss, in the math type; gradient times gscale to grad (if given).
+template <typename scalar_t, typename target_t>
+double bce_row(const scalar_t* x, const target_t* t, scalar_t* grad, int64_t n, double tscale, double gscale) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<acc_t>;
   acc_t xbuf[kChunk], tbuf[kChunk], gbuf[kChunk];
@@ -75,13 +99,8 @@ double recon_row(const scalar_t* x, const target_t* t, scalar_t* grad, int64_t n
     for (int64_t j = 0; j < len; j += V::size()) {
       const int64_t m = std::min<int64_t>(V::size(), len - j);
       const V xv = V::loadu(xs + j, m), tv = V::loadu(ts + j, m);
-      V g, loss;
-      if constexpr (R == Recon::Bce) {
-        loss = bce(xv, tv, g);
-      } else {
-        const V d = xv - tv;
-        loss = d * d, g = V(2) * d;
-      }
+      V g;
+      const V loss = bce(xv, tv, g);
       sum.add(V::set(V(0), loss, m));  // tail lanes hold loss(0, 0): not summed
       if (gs) (g * vg).store(gs + j, m);
     }
@@ -105,7 +124,11 @@ void elbo_rows(const at::Tensor& recon, const at::Tensor& target, const at::Tens
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(d + l, 1));
   at::parallel_for(0, b, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      r[i] = recon_row<R>(xp + i * d, tp + i * d, gx ? gx + i * d : nullptr, d, tscale, gscale);
+      const scalar_t* xi = xp + i * d;
+      const target_t* ti = tp + i * d;
+      scalar_t* gi = gx ? gx + i * d : nullptr;
+      if constexpr (R == Recon::Bce) r[i] = bce_row(xi, ti, gi, d, tscale, gscale);
+      else r[i] = mse_row(xi, ti, gi, d, tscale, gscale);
       k[i] = kl_row(mp + i * l, lp + i * l, gm ? gm + i * l : nullptr, gl ? gl + i * l : nullptr, l, gscale);
     }
   });

@@ -130,8 +130,9 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (R == Recon::Bce) {
         r += bce(xv, tv, grad);
       } else {
-        grad = acc_t(2) * (xv - tv);
-        r += (xv - tv) * (xv - tv);
+        const double d = static_cast<double>(xv) - static_cast<double>(tv);  // fp64: exact for fp32 inputs
+        grad = static_cast<acc_t>(2 * d);
+        r += d * d;
       }
       if (out.grad_x) out.grad_x[idx] = static_cast<scalar_t>(grad * gscale);
     }

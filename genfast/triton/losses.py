@@ -92,8 +92,9 @@ def _elbo_row_kernel(x_ptr, t_ptr, mu_ptr, lv_ptr, gx_ptr, gmu_ptr, glv_ptr, los
         t = tl.load(t_ptr + row * D + cols, mask=inside, other=0).to(ACC) * t_scale
         if RECON == _RECON_BCE:
             loss, grad = _bce(x, t)
-        else:
-            loss, grad = (x - t) * (x - t), 2.0 * (x - t)
+        else:  # in fp64, where the difference of two fp32 values and its square are (nearly) exact
+            d = x.to(tl.float64) - t.to(tl.float64)
+            loss, grad = d * d, 2.0 * d
         r_acc += tl.where(inside, loss, 0.0).to(tl.float64)
         if NEED_GRAD:
             tl.store(gx_ptr + row * D + cols, (grad * g_scale).to(gx_ptr.dtype.element_ty), mask=inside)
