@@ -186,7 +186,10 @@ def train(model_name: str, *, data: str | None = None, data_dir: str | None = No
     try:
         run = Run(model_name, procs, seed=seed, out=Path(out) if out is not None else None, progress=progress)
         run.prepare(data, data_dir, model_options or {}, fused, optimizer, lr, l1, l2, subset, resume)
-        return run.fit(epochs, batch_size)
+        result = run.fit(epochs, batch_size)
+        if procs.owns_group:  # no process tears the group down while another still talks through it
+            dist.barrier()
+        return result
     finally:
         if procs.owns_group:
             dist.destroy_process_group()
