@@ -113,6 +113,11 @@ def test_non_contiguous_inputs_sample_as_their_contiguous_copies(backend):
     contiguous, _ = sample_op(backend, mu.contiguous(), logvar.contiguous(), torch.Generator().manual_seed(3))
     assert torch.equal(z, contiguous)
     check_sample(f"{backend} transposed", z, mu, logvar, eps_of(rng_state, mu.shape))
+    with genfast.use_backend(backend):
+        kl = genfast.kl_divergence(mu, logvar, reduction="none")
+        assert torch.equal(kl, genfast.kl_divergence(mu.contiguous(), logvar.contiguous(), reduction="none"))
+    exact = kl_plain(mu.double(), logvar.double())
+    assert_within_rule(f"{backend} transposed kl", kl, kl_plain(mu, logvar), exact)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
