@@ -28,6 +28,20 @@ def require_backend(name: str, device: str) -> None:
         pytest.skip(f"backend {name} on {device}: {reason}")
 
 
+def compiled_op_targets(fn, *args) -> list[str]:
+    """The call targets of the graph torch.compile(fn, fullgraph=True) traces for args (run on the cpu backend)."""
+    torch._dynamo.reset()
+    seen: list[str] = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    with genfast.use_backend("cpu"):
+        torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return seen
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     """Fresh random inputs per test, reproducible from the printed seed."""
@@ -37,4 +51,4 @@ def _fresh_seed():
     yield
 
 
-__all__ = ["genfast", "require_backend"]
+__all__ = ["compiled_op_targets", "genfast", "require_backend"]

@@ -8,7 +8,7 @@ from torch import nn
 
 import genfast
 from genfast.nn import FusedLinear
-from tests.conftest import require_backend
+from tests.conftest import compiled_op_targets, require_backend
 
 
 def model() -> nn.Sequential:
@@ -37,14 +37,5 @@ def test_compiled_model_matches_eager(dynamic):
 
 def test_compiled_graph_contains_the_custom_op():
     require_backend("cpu", "cpu")
-    torch._dynamo.reset()
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
-        return gm
-
-    layer = FusedLinear(5, 3, activation="tanh")
-    with genfast.use_backend("cpu"):
-        torch.compile(layer, backend=backend, fullgraph=True)(torch.randn(2, 5))
+    seen = compiled_op_targets(FusedLinear(5, 3, activation="tanh"), torch.randn(2, 5))
     assert any("genfast.fused_dense" in target for target in seen), seen
