@@ -5,7 +5,9 @@ functors in ``csrc/common/activations.h`` and by the Triton kernels; a test chec
 its reference forward, and what the backward of a fused layer must save to compute the
 derivative with the least memory:
 
-- ``"mask"``: one bit per element, ``z > 0`` (relu, leaky_relu);
+- ``"mask"``: one bit per element, set where the gradient passes unscaled (relu, leaky_relu), by eager
+  PyTorch's own comparisons: relu's backward zeroes where ``z <= 0``, so a NaN z passes the gradient;
+  leaky_relu's passes where ``z > 0``, so a NaN z gets the slope;
 - ``"output"``: the activation's output ``y`` (sigmoid, tanh: the derivative is a function of y);
 - ``"preact"``: the pre-activation ``z`` (gelu, gelu_tanh, silu);
 - ``"none"``: nothing (identity).
@@ -34,6 +36,8 @@ class Activation:
     """Derivative dy/dz as a function of what ``saves`` names (z > 0 for "mask")."""
     module: type | None
     """The torch.nn module this activation replaces in ``genfast.nn.convert``."""
+    derivative_mask: Callable[[Tensor], Tensor] | None = None
+    """For saves == "mask": z -> the mask bits (bool)."""
 
 
 def _gelu_tanh_derivative(z: Tensor, _: float) -> Tensor:
@@ -60,7 +64,7 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("none", 0, "none", lambda z, _: z, lambda z, _: torch.ones_like(z), None),
         Activation(
             "relu", 1, "mask", lambda z, _: torch.relu(z),
-            lambda positive, _: torch.where(positive, 1.0, 0.0), torch.nn.ReLU,
+            lambda positive, _: torch.where(positive, 1.0, 0.0), torch.nn.ReLU, lambda z: ~(z <= 0),
         ),
         Activation(
             "leaky_relu", 2, "mask",
@@ -68,7 +72,7 @@ ACTIVATIONS: dict[str, Activation] = {
             # slope as a float64 tensor: two Python numbers would make a float32 result, rounding the slope
             lambda positive, slope: torch.where(positive, 1.0, torch.tensor(slope, dtype=torch.float64,
                                                                             device=positive.device)),
-            torch.nn.LeakyReLU,
+            torch.nn.LeakyReLU, lambda z: z > 0,
         ),
         Activation(
             "gelu", 3, "preact", lambda z, _: torch.nn.functional.gelu(z),

@@ -10,6 +10,7 @@ warns once. A pinned backend that cannot run raises.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
@@ -22,10 +23,12 @@ from genfast import _extension
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _DEFAULT_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
-# The pins in force, innermost last. Process-wide, not thread-local: autograd runs CUDA backward passes
-# on its own worker threads, and they must see the pin that was in force for the forward. The
-# environment is read once: os.environ.get costs 0.5 us, a third of a small layer's Python overhead.
-_pinned: list[str] = [os.environ["GENFAST_BACKEND"]] if os.environ.get("GENFAST_BACKEND") else []
+# The process-wide pin of the environment, read once (os.environ.get costs 0.5 us, a third of a small
+# layer's Python overhead), and use_backend's pin, local to the thread or asyncio task that set it: a
+# pin in one thread must never move another thread's calls. Ops record the backend their forward ran
+# on and run their backward there, so autograd's worker threads need no pin of their own.
+_ENVIRONMENT_PIN: str | None = os.environ.get("GENFAST_BACKEND") or None
+_context_pin: contextvars.ContextVar[str | None] = contextvars.ContextVar("genfast_backend", default=None)
 
 
 def triton_version() -> str | None:
@@ -62,25 +65,26 @@ def why_unusable(name: str, device_type: str) -> str | None:
 
 
 def pinned_backend() -> str | None:
-    return _pinned[-1] if _pinned else None
+    return _context_pin.get() or _ENVIRONMENT_PIN
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run every genfast op inside the block on backend `name` (raises at the op if it can't run)."""
+    """Run every genfast op that this thread (or asyncio task) calls inside the block on backend `name`
+    (raises at the op if it can't run). Other threads keep their own pin; GENFAST_BACKEND is process-wide."""
     if name not in BACKENDS:
         raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {BACKENDS}")
-    _pinned.append(name)
+    token = _context_pin.set(name)
     try:
         yield
     finally:
-        _pinned.pop()
+        _context_pin.reset(token)
 
 
 def select(device: torch.device) -> str:
     """The backend that runs an op whose tensors live on `device`."""
-    if _pinned:  # (pinned_backend() inlined: this runs on every op call)
-        pinned = _pinned[-1]
+    pinned = _context_pin.get() or _ENVIRONMENT_PIN  # (pinned_backend() inlined: this runs on every op call)
+    if pinned is not None:
         reason = why_unusable(pinned, device.type)
         if reason is not None:
             raise RuntimeError(f"genfast backend {pinned!r} was pinned but cannot run: {reason}")
@@ -113,7 +117,12 @@ def kernel(family: str, step: str, device: torch.device, module: str | None = No
     ``genfast.triton.<module>.<family>_<step>``, ``genfast._C.<family>_<step>_<cpu|cuda>``; the Triton
     module is the family's own unless `module` names the op family's module (kl lives in reparam).
     """
-    return _kernel(family, step, select(device), module or family)
+    return kernel_of(select(device), family, step, module)
+
+
+def kernel_of(name: str, family: str, step: str, module: str | None = None):
+    """The `step` function of op `family` on backend `name` (a backward runs where its forward ran)."""
+    return _kernel(family, step, name, module or family)
 
 
 @functools.lru_cache(maxsize=None)

@@ -34,7 +34,7 @@ def pack_mask(positive: Tensor) -> Tensor:
     m, n = positive.shape
     padded = F.pad(positive.to(torch.int32), (0, mask_row_bytes(n) * 8 - n))
     weights = _BIT_WEIGHTS.to(positive.device)
-    return (padded.view(m, -1, 8) * weights).sum(-1).to(torch.uint8)
+    return (padded.view(m, mask_row_bytes(n), 8) * weights).sum(-1).to(torch.uint8)  # m may be 0: no -1
 
 
 def unpack_mask(mask: Tensor, n: int) -> Tensor:
@@ -48,7 +48,7 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: int, slop
     z = F.linear(x, weight, bias)
     y = activation.forward(z, slope)
     if activation.saves == "mask":
-        return y, pack_mask(z > 0)
+        return y, pack_mask(activation.derivative_mask(z))
     if activation.saves == "preact":
         return y, z
     return y, x.new_empty(0)
@@ -59,12 +59,17 @@ def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act
     activation = _BY_CODE[act]
     if activation.saves == "mask":
         saved = unpack_mask(saved, weight.shape[0])
-    dz = grad_y if activation.saves == "none" else grad_y * activation.derivative(saved, slope).to(grad_y.dtype)
-    empty = x.new_empty(0)
-    return (
-        dz @ weight if need_x else empty,
-        dz.t() @ x if need_w else empty,
-        dz.sum(0) if need_b else empty,
+    if activation.saves == "none":
+        dz = grad_y
+    else:  # in fp32 at least, rounded once, as eager's kernels do (fp16 z**2 overflows at |z| > 256)
+        math_dtype = torch.promote_types(grad_y.dtype, torch.float32)
+        if saved.is_floating_point():
+            saved = saved.to(math_dtype)
+        dz = (grad_y.to(math_dtype) * activation.derivative(saved, slope)).to(grad_y.dtype)
+    return (  # a distinct empty tensor for each gradient not needed: a custom op's outputs may not alias
+        dz @ weight if need_x else x.new_empty(0),
+        dz.t() @ x if need_w else x.new_empty(0),
+        dz.sum(0) if need_b else x.new_empty(0),
     )
 
 
@@ -87,6 +92,19 @@ def _reduce(values: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return values
     return values.mean() if reduction == "mean" else values.sum()
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """mu + exp(0.5 logvar) eps as eager code writes it, eps from torch.randn (not the kernels' Philox
+    stream: see reparam_forward for that); genfast's ops run it under torch.func transforms."""
+    eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device, generator=generator) if generator is not None \
+        else torch.randn_like(mu)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def kl_divergence(mu: Tensor, logvar: Tensor, reduction: str = "mean") -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last dimension, then reduced over the rest."""
+    return _reduce(0.5 * (torch.expm1(logvar) - logvar + mu * mu).sum(-1), reduction)
 
 
 def elbo_terms(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float = 1.0,

@@ -42,6 +42,11 @@ def compiled_op_targets(fn, *args) -> list[str]:
     return seen
 
 
+def non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values with every stride doubled (a view that is not contiguous), requires_grad kept."""
+    return torch.stack([t.detach(), t.detach()], -1)[..., 0].requires_grad_(t.requires_grad)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     """Fresh random inputs per test, reproducible from the printed seed."""
@@ -51,4 +56,4 @@ def _fresh_seed():
     yield
 
 
-__all__ = ["compiled_op_targets", "genfast", "require_backend"]
+__all__ = ["compiled_op_targets", "genfast", "non_contiguous", "require_backend"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import genfast
 from genfast import reference
 from genfast.activations import ACTIVATIONS
-from tests.conftest import require_backend
+from tests.conftest import non_contiguous, require_backend
 from tests.tolerance import assert_within_rule
 
 ACTS = sorted(ACTIVATIONS)
@@ -218,6 +218,8 @@ def test_opcheck(backend, act):
     with genfast.use_backend(backend):
         torch.library.opcheck(torch.ops.genfast.fused_dense.default, args)
         torch.library.opcheck(torch.ops.genfast.fused_dense.default, (x, w, None, ACTIVATIONS[act].code, SLOPE))
+        strided = (non_contiguous(x), non_contiguous(w), non_contiguous(b), ACTIVATIONS[act].code, SLOPE)
+        torch.library.opcheck(torch.ops.genfast.fused_dense.default, strided)
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import genfast
 from genfast import _extension, reference
 from genfast.loss_terms import GAN_KINDS, RECON_LOSSES, REDUCTIONS, TERMS
 from genfast.nn import FusedLinear
-from tests.conftest import compiled_op_targets, require_backend
+from tests.conftest import compiled_op_targets, non_contiguous, require_backend
 
 BACKENDS = ["reference", "cpu", "triton"]
 KINDS = sorted(GAN_KINDS)
@@ -426,3 +426,46 @@ def test_r1_penalty_bad_input():
     with pytest.raises(TypeError, match="gamma: expected a finite real number"):
         real.requires_grad_()
         genfast.r1_penalty(nn.Linear(4, 1)(real), real, gamma=None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_with_non_contiguous_inputs(backend):
+    """The defect: the raw ops rejected non-contiguous inputs on the cpu backend."""
+    require_backend(backend, "cpu")
+    recon, target, mu, logvar = (non_contiguous(t.requires_grad_(i != 1)) for i, t in enumerate(elbo_args(5, 7, 3)))
+    assert not recon.is_contiguous()
+    with genfast.use_backend(backend):
+        for reduction in REDUCTIONS.values():
+            torch.library.opcheck(torch.ops.genfast.elbo_loss.default,
+                                  (recon, target, mu, logvar, 0.7, RECON_LOSSES["bce"], reduction, 1.0, True))
+            first, second = non_contiguous(recon.flatten()), non_contiguous(recon.detach().flatten() + 1)
+            torch.library.opcheck(torch.ops.genfast.gan_loss.default,
+                                  (first, second, TERMS["bce"], 1.0, TERMS["hinge"], 1.0, reduction, True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_beta_may_be_a_one_element_tensor(backend):
+    require_backend(backend, "cpu")
+    args = elbo_args(5, 7, 3)
+    with genfast.use_backend(backend):
+        expected = genfast.elbo_loss(*args, beta=0.5)
+        assert torch.equal(genfast.elbo_loss(*args, beta=torch.tensor(0.5)), expected)
+        assert torch.equal(genfast.elbo_loss(*args, beta=torch.tensor([0.5], dtype=torch.float64)), expected)
+        with pytest.raises(ValueError, match="beta: genfast's losses give beta no gradient"):
+            genfast.elbo_loss(*args, beta=torch.tensor(0.5, requires_grad=True))
+        with pytest.raises(TypeError, match="beta: expected a real number or a one-element real tensor"):
+            genfast.elbo_loss(*args, beta=torch.tensor([0.5, 1.0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_infinite_term_leaves_the_other_term_finite(backend):
+    """The defect: Triton summed each returned term as w_a S_a + w_b S_b, so a zero weight on an
+    infinite sum made the finite term 0 * inf = NaN."""
+    require_backend(backend, "cpu")
+    recon, target, mu, logvar = elbo_args(5, 7, 3)
+    logvar[2, 1] = 100.0  # exp(100) overflows float32: the KL term is inf
+    with genfast.use_backend(backend):
+        loss, r, k = genfast.elbo_loss(recon, target, mu, logvar, return_terms=True)
+    expected = reference.elbo_terms(recon.double(), target.double(), mu.double(), logvar.double())
+    assert torch.isfinite(r) and k == float("inf") and loss == float("inf")
+    torch.testing.assert_close(r, expected[1].float())

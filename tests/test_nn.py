@@ -132,3 +132,20 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert y.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(y, expected)
     assert genfast.fused_dense(x, layer.weight, layer.bias).dtype == torch.float32
+
+
+@pytest.mark.parametrize("hooked", ["linear", "activation"])
+def test_convert_leaves_layers_with_hooks_unfused_and_says_so(hooked):
+    """The defect: convert() silently dropped the forward hooks of the nn.Linear it replaced."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), nn.Tanh())
+    seen = []
+    model[0 if hooked == "linear" else 1].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    x = torch.randn(5, 4)
+    expected = model(x)
+    with pytest.warns(UserWarning, match="left '0' and its activation unfused: they carry hooks"):
+        convert(model)
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.ReLU, "the hooked pair must stay as it was"
+    assert isinstance(model[2], FusedLinear), "pairs without hooks are still fused"
+    seen.clear()
+    torch.testing.assert_close(model(x), expected)
+    assert len(seen) == 1, "the hook must still run"

@@ -16,7 +16,7 @@ import torch
 
 import genfast
 from genfast import reference
-from tests.conftest import require_backend
+from tests.conftest import non_contiguous, require_backend
 from tests.tolerance import assert_within_rule
 
 BACKENDS = ["reference", "cpu", "triton"]
@@ -459,3 +459,46 @@ def test_second_order_gradients_are_refused():
     z = genfast.reparameterize(mu, logvar)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(z.sum(), logvar, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_kl_only_loss_gives_the_kl_gradient_even_where_the_sample_scale_overflows(backend, compiled):
+    """The defect: with z unused, backward still added the sampling term 0 * exp(0.5 logvar) = 0 * inf = NaN.
+    PyTorch never reaches an unused z: grad_logvar is the KL's alone (inf where expm1 overflows too)."""
+    require_backend(backend, "cpu")
+    mu, logvar = leaves((3, 4), torch.float32)
+    with torch.no_grad():
+        logvar[0, 0], logvar[1, 1] = 180.0, float("inf")  # exp(90) and exp(inf) overflow float32
+
+    def kl_only(m, lv):
+        return genfast.reparameterize_kl(m, lv, reduction="sum")[1]
+
+    fn = kl_only
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(kl_only, fullgraph=True)
+    with genfast.use_backend(backend):
+        grad_mu, grad_logvar = torch.autograd.grad(fn(mu, logvar), (mu, logvar))
+    m, lv = mu.detach().double().requires_grad_(), logvar.detach().double().requires_grad_()
+    expected = torch.autograd.grad(reference.kl_divergence(m, lv, "sum"), (m, lv))
+    assert not grad_logvar.isnan().any()
+    torch.testing.assert_close(grad_logvar, expected[1].float())
+    torch.testing.assert_close(grad_mu, expected[0].float())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_opcheck_with_non_contiguous_inputs(backend):
+    require_backend(backend, "cpu")
+    mu, logvar = (non_contiguous(t) for t in leaves((7, 20), torch.float32))
+    assert not mu.is_contiguous()
+    rng_state = reference.new_rng_state(mu.device)
+    ops = torch.ops.genfast
+    with genfast.use_backend(backend):
+        for op, args in ((ops.reparameterize.default, (mu, logvar)), (ops.reparameterize_kl.default, (mu, logvar)),
+                         (ops.kl_rows.default, (mu, logvar)),
+                         (ops.reparameterize_backward.default,
+                          (non_contiguous(torch.randn(7, 20)), logvar.detach(), rng_state)),
+                         (ops.kl_rows_backward.default,
+                          (non_contiguous(torch.randn(7, dtype=torch.float64)), mu.detach(), logvar.detach()))):
+            torch.library.opcheck(op, args)

@@ -60,6 +60,14 @@ GENFAST_HD T act_forward(Act a, T z, T slope) {
   }
 }
 
+// The mask bit of relu/leaky_relu: set where the gradient passes unscaled. Eager PyTorch's comparisons:
+// relu's threshold_backward zeroes where z <= 0 (a NaN z passes the gradient), leaky_relu's backward
+// passes where z > 0 (a NaN z gets the slope).
+template <typename T>
+GENFAST_HD bool mask_bit(Act a, T z) {
+  return a == Act::Relu ? !(z <= T(0)) : z > T(0);
+}
+
 // dy/dz from what was saved: `s` is z (Preact), y (Output) or 1/0 for the mask bit (Mask).
 template <typename T>
 GENFAST_HD T act_derivative(Act a, T s, T slope) {

@@ -6,6 +6,7 @@
 // raise the same exceptions with the same words as ops/_checks.py; tests/test_dense_inputs.py runs
 // both paths on the same cases.
 #include <ATen/autocast_mode.h>
+#include <c10/util/accumulate.h>
 #include <torch/autograd.h>
 
 #include <sstream>
@@ -153,7 +154,9 @@ at::Tensor dense_eager(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor
   if (x.dim() == 2) return FusedDense::apply(x.contiguous(), weight.contiguous(), bias, act, slope);
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = weight.size(0);
-  const at::Tensor x2d = x.reshape({-1, x.size(-1)}).contiguous();
+  // Rows spelled out rather than -1: with in_features == 0 there is nothing to infer -1 from.
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor x2d = x.reshape({rows, x.size(-1)}).contiguous();
   return FusedDense::apply(x2d, weight.contiguous(), bias, act, slope).view(out_shape);
 }
 

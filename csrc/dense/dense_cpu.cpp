@@ -43,13 +43,14 @@ V vec_derivative(V y) {  // from the output y
   else return V(1) - y * y;
 }
 
-// Bit t of the result is set where lane t of z is > 0 (NaN is not).
-template <typename acc_t>
-uint32_t positive_bits(const Vectorized<acc_t>& z) {
+// Bit t of the result is mask_bit(A, lane t of z) (activations.h): relu's "not z <= 0" sets it for
+// NaN, leaky_relu's "z > 0" does not. Lanes holding 0 give 0 either way.
+template <Act A, typename acc_t>
+uint32_t mask_bits(const Vectorized<acc_t>& z) {
   acc_t lanes[Vectorized<acc_t>::size()];
   z.store(lanes);
   uint32_t bits = 0;
-  for (int t = 0; t < Vectorized<acc_t>::size(); ++t) bits |= uint32_t(lanes[t] > acc_t(0)) << t;
+  for (int t = 0; t < Vectorized<acc_t>::size(); ++t) bits |= uint32_t(mask_bit(A, lanes[t])) << t;
   return bits;
 }
 
@@ -66,7 +67,12 @@ Vectorized<acc_t> mask_factor(const uint8_t* row, int64_t first, acc_t otherwise
 
 #ifdef CPU_CAPABILITY_AVX2
 template <>
-uint32_t positive_bits<float>(const Vectorized<float>& z) {
+uint32_t mask_bits<Act::Relu, float>(const Vectorized<float>& z) {
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(__m256(z), _mm256_setzero_ps(), _CMP_NLE_UQ)));
+}
+
+template <>
+uint32_t mask_bits<Act::LeakyRelu, float>(const Vectorized<float>& z) {
   return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(__m256(z), _mm256_setzero_ps(), _CMP_GT_OQ)));
 }
 
@@ -82,8 +88,9 @@ Vectorized<float> mask_factor<float>(const uint8_t* row, int64_t first, float ot
 #if defined(__x86_64__) && defined(__GNUC__)
 // fp32 relu/leaky_relu rows in AVX-512, used where ATen itself runs AVX-512 (at::get_cpu_capability,
 // which honours ATEN_CPU_CAPABILITY): there eager's relu has 16 lanes, and the 8-lane pass above
-// would lose to it. The compare yields the 16 mask bits of a vector directly. Lanes past n load as 0
-// (bit clear); NaN compares false, and max(0, NaN) / NaN * slope keep the NaN, as eager does.
+// would lose to it. The compare yields the 16 mask bits of a vector directly (mask_bit's rule: NaN sets
+// relu's bit, not leaky_relu's). Lanes past n load as 0 (bit clear); max(0, NaN) / NaN * slope keep
+// the NaN, as eager does.
 bool use_avx512() {
   static const bool yes = at::get_cpu_capability() == "AVX512";
   return yes;
@@ -107,9 +114,10 @@ __attribute__((target("avx512f"))) void relu_row_avx512(const float* z, uint8_t*
     const __mmask16 lanes = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
     const __m512 v = load16(z + j, lanes);
     const __mmask16 positive = _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
+    const __mmask16 bits = leaky ? positive : _mm512_cmp_ps_mask(v, zero, _CMP_NLE_UQ);
     store16(y + j, lanes, leaky ? _mm512_mask_mov_ps(_mm512_mul_ps(v, vslope), positive, v) : _mm512_max_ps(zero, v));
-    mask[j / 8] = uint8_t(positive);  // bit k of the pair of bytes = lane k
-    if (n - j > 8) mask[j / 8 + 1] = uint8_t(positive >> 8);
+    mask[j / 8] = uint8_t(bits);  // bit k of the pair of bytes = lane k
+    if (n - j > 8) mask[j / 8 + 1] = uint8_t(bits >> 8);
   }
   std::fill(mask + (n + 7) / 8, mask + mask_bytes, uint8_t(0));
 }
@@ -133,7 +141,7 @@ void relu_row_avx512(const float*, uint8_t*, int64_t, float*, int64_t, float, bo
 void relu_grad_row_avx512(const float*, const uint8_t*, float*, float*, int64_t, float, bool) {}
 #endif
 
-// One row of the forward epilogue of relu/leaky_relu in the math type: the mask bits of z > 0 (all the
+// One row of the forward epilogue of relu/leaky_relu in the math type: the mask bits (all the
 // row's bytes, padding included, are written) and y = act(z). y may be z (in place).
 template <Act A, typename acc_t>
 void forward_row(const acc_t* z_in, uint8_t* mask, int64_t mask_bytes, acc_t* y, int64_t n, acc_t slope) {
@@ -146,7 +154,7 @@ void forward_row(const acc_t* z_in, uint8_t* mask, int64_t mask_bytes, acc_t* y,
     uint32_t bits = 0;
     for (int64_t k = 0; k < 8; k += lanes) {
       const V z = V::loadu(z_in + j + k);
-      bits |= positive_bits(z) << k;
+      bits |= mask_bits<A>(z) << k;
       vec_forward<A>(z, vslope).store(y + j + k);
     }
     mask[j / 8] = uint8_t(bits);
@@ -156,7 +164,7 @@ void forward_row(const acc_t* z_in, uint8_t* mask, int64_t mask_bytes, acc_t* y,
     for (int64_t k = j; k < n; k += lanes) {
       const int64_t len = std::min<int64_t>(lanes, n - k);
       const V z = V::loadu(z_in + k, len);
-      bits |= (positive_bits(z) & ((1u << len) - 1)) << (k - j);
+      bits |= (mask_bits<A>(z) & ((1u << len) - 1)) << (k - j);
       vec_forward<A>(z, vslope).store(y + k, len);
     }
     mask[j / 8] = uint8_t(bits);
@@ -363,8 +371,9 @@ std::vector<at::Tensor> dense_backward_cpu(const at::Tensor& grad_y, const at::T
       });
     }
   }
-  const at::Tensor empty = at::empty({0}, x.options());
-  return {need_x ? at::mm(dz, weight) : empty, need_w ? at::mm(dz.t(), x) : empty, need_b ? grad_b : empty};
+  // A distinct empty tensor for each gradient not needed: a custom op's outputs may not alias.
+  const auto empty = [&] { return at::empty({0}, x.options()); };
+  return {need_x ? at::mm(dz, weight) : empty(), need_w ? at::mm(dz.t(), x) : empty(), need_b ? grad_b : empty()};
 }
 
 }  // namespace genfast

@@ -157,7 +157,7 @@ __global__ void activation_kernel(const scalar_t* z, scalar_t* y, int64_t numel,
 }
 
 // One thread per mask byte, padding bytes included (they are written as 0): the byte's 8 features of
-// z, in place in y, become act(z) and their bits [z > 0], feature j in bit j % 8.
+// z, in place in y, become act(z) and their bits mask_bit(A, z), feature j in bit j % 8.
 template <typename scalar_t, Act A>
 __global__ void mask_activation_kernel(scalar_t* zy, uint8_t* mask, int64_t m, int64_t n, int64_t row_bytes,
                                        at::opmath_type<scalar_t> slope) {
@@ -170,7 +170,7 @@ __global__ void mask_activation_kernel(scalar_t* zy, uint8_t* mask, int64_t m, i
     uint32_t bits = 0;
     for (int b = 0; b < count; ++b) {
       const acc_t z = static_cast<acc_t>(row[first + b]);
-      bits |= uint32_t(z > acc_t(0)) << b;
+      bits |= uint32_t(mask_bit(A, z)) << b;
       row[first + b] = static_cast<scalar_t>(act_forward<acc_t>(A, z, slope));
     }
     mask[t] = static_cast<uint8_t>(bits);
@@ -392,17 +392,18 @@ std::vector<at::Tensor> dense_backward_cuda(const at::Tensor& grad_y, const at::
     CHECK_SHAPE(saved, m, n);
     CHECK_SAME_DTYPE(saved, x);
   }
-  const at::Tensor empty = at::empty({0}, x.options());
+  // A distinct empty tensor for each gradient not needed: a custom op's outputs may not alias.
+  const auto empty = [&] { return at::empty({0}, x.options()); };
   if (m == 0 || n == 0) {  // nothing to reduce: the gradients are zero (or empty)
-    return {need_x ? at::zeros({m, k}, x.options()) : empty, need_w ? at::zeros({n, k}, x.options()) : empty,
-            need_b ? at::zeros({n}, x.options()) : empty};
+    return {need_x ? at::zeros({m, k}, x.options()) : empty(), need_w ? at::zeros({n, k}, x.options()) : empty(),
+            need_b ? at::zeros({n}, x.options()) : empty()};
   }
   const bool write_dz = (need_x || need_w) && saves != Saves::None;  // for "none", dz is grad_y itself
   at::Tensor dz = write_dz ? at::empty_like(grad_y) : grad_y;
-  at::Tensor grad_b = need_b ? at::empty({n}, x.options()) : empty;
+  at::Tensor grad_b = need_b ? at::empty({n}, x.options()) : empty();
   if (write_dz || need_b)
     backward_epilogue(grad_y, saved, write_dz ? &dz : nullptr, need_b ? &grad_b : nullptr, a, slope);
-  return {need_x ? matmul(dz, false, weight) : empty, need_w ? matmul(dz, true, x) : empty, grad_b};
+  return {need_x ? matmul(dz, false, weight) : empty(), need_w ? matmul(dz, true, x) : empty(), grad_b};
 }
 
 }  // namespace genfast

@@ -7,7 +7,8 @@
 //   Per sample i:  r_i  = sum_j bce(recon, t) (Bce: recon are logits) or sum_j (recon - t)^2 (Mse)
 //                  kl_i = 0.5 sum_k (exp(logvar) - 1 - logvar + mu^2)    KL(N(mu, exp(logvar)) || N(0, I))
 //                  loss_i = r_i + beta kl_i
-//     bce(x, t) = (1 - t) max(x, 0) + t max(-x, 0) + log1p(exp(-|x|)), the stable max(x,0) - x t + ...
+//     bce(x, t) = (1 - t) x + max(-x, 0) + log1p(exp(-|x|)), binary_cross_entropy_with_logits' stable form
+//     (the same NaN as PyTorch at x = -inf, and at x = +inf with t = 1).
 //     t = target (recon's dtype) or target * target_scale (uint8: 1/255 for pixels, 1 for 0/1 values).
 //   Reduction None: loss, recon_term, kl_term of shape (B,); Mean: sums over i divided by B, 0-d;
 //     Sum: sums over i, 0-d. All in recon's dtype.

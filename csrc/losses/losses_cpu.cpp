@@ -36,7 +36,9 @@ V bce(V x, V t, V& grad) {
   const V zero(0), one(1);
   const V e = x.abs().neg().exp();  // exp(-|x|) in (0, 1]: never overflows; NaN stays NaN
   grad = V::blendv(e, one, x >= zero) / (one + e) - t;  // sigmoid(x) - t
-  return (one - t) * at::vec::maximum(x, zero) + t * at::vec::maximum(x.neg(), zero) + e.log1p();
+  // PyTorch's form (binary_cross_entropy_with_logits): the same NaN at infinite logits, where the limit
+  // needs a convention PyTorch does not make.
+  return (one - t) * x + at::vec::maximum(x.neg(), zero) + e.log1p();
 }
 
 template <Term T, typename V>

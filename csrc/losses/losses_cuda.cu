@@ -41,7 +41,7 @@ template <typename T>
 __device__ __forceinline__ T bce(T x, T t, T& grad) {
   const T e = exp(-fabs(x));  // in (0, 1]: never overflows
   grad = (x >= T(0) ? T(1) : e) / (T(1) + e) - t;
-  return (T(1) - t) * relu(x) + t * relu(-x) + log1p(e);
+  return (T(1) - t) * x + relu(-x) + log1p(e);  // PyTorch's form: its NaN at infinite logits too
 }
 
 template <typename T>

@@ -6,6 +6,8 @@ keeps its index and the state_dict keys do not change either way.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from genfast.activations import activation_from_module, activation_module
@@ -27,16 +29,35 @@ def _plain_from(fused: FusedLinear) -> nn.Linear:
     return linear
 
 
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+          "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _hooked(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in _HOOKS)
+
+
 def convert(model: nn.Module) -> nn.Module:
-    """Replace each nn.Linear directly followed by a fusable activation in an nn.Sequential."""
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+    """Replace each nn.Linear directly followed by a fusable activation in an nn.Sequential.
+
+    A pair whose linear layer or activation carries hooks stays as it is, with a warning: a forward
+    hook on the linear layer would see the activated output, and one on the activation would not run.
+    """
+    for prefix, seq in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for name, next_name in zip(names, names[1:]):
             linear, act = seq._modules[name], seq._modules[next_name]
             found = activation_from_module(act) if type(linear) is nn.Linear else None
-            if found is not None:
-                seq._modules[name] = _fused_from(linear, *found)
-                seq._modules[next_name] = nn.Identity()
+            if found is None:
+                continue
+            if _hooked(linear) or _hooked(act):
+                where = f"{prefix}.{name}" if prefix else name
+                warnings.warn(f"genfast.nn.convert: left {where!r} and its activation unfused: they carry hooks, "
+                              "which a fused layer cannot run at the same place; remove the hooks to fuse it",
+                              stacklevel=2)
+                continue
+            seq._modules[name] = _fused_from(linear, *found)
+            seq._modules[next_name] = nn.Identity()
     return model
 
 

@@ -32,3 +32,11 @@ def check_same(names: tuple[str, ...], tensors: tuple[Tensor | None, ...]) -> No
 def check_shape(name: str, tensor: Tensor, expected: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != tuple(expected):
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(tensor.shape)}")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast casts to on this device, or None (autocast off, or a device without autocast,
+    such as meta)."""
+    if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)

@@ -6,12 +6,15 @@ sigmoid/tanh, z for gelu/gelu_tanh/silu, nothing for none; plus x and weight for
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from genfast import _extension, backend, reference
 from genfast.activations import ACTIVATIONS, get_activation
-from genfast.ops._checks import check_same, check_shape, check_tensor
+from genfast.ops import _route
+from genfast.ops._checks import autocast_dtype, check_same, check_shape, check_tensor
 from genfast.reference import mask_row_bytes
 
 _SAVES = {a.code: a.saves for a in ACTIVATIONS.values()}
@@ -51,9 +54,9 @@ def _backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act: int
 
 @_backward.register_fake
 def _(grad_y, x, weight, saved, act, slope, need_x, need_w, need_b):
-    empty = x.new_empty(0)
-    return (x.new_empty(x.shape) if need_x else empty, weight.new_empty(weight.shape) if need_w else empty,
-            weight.new_empty(weight.shape[0]) if need_b else empty)
+    # a distinct empty tensor for each gradient not needed: a custom op's outputs may not alias
+    return (x.new_empty(x.shape if need_x else 0), weight.new_empty(weight.shape if need_w else 0),
+            weight.new_empty(weight.shape[0] if need_b else 0))
 
 
 def _saved_for_backward(act: int, y: Tensor, aux: Tensor) -> Tensor:
@@ -99,14 +102,15 @@ class _EagerFusedDense(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, act, slope):
-        y, aux = backend.kernel("dense", "forward", x.device)(x, weight, bias, act, slope)
+        ctx.backend = backend.select(x.device)  # backward runs there too, whichever thread runs it
+        y, aux = backend.kernel_of(ctx.backend, "dense", "forward")(x, weight, bias, act, slope)
         ctx.mark_non_differentiable(aux)
         _setup_context(ctx, (x, weight, bias, act, slope), (y, aux))
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _gradients(ctx, grad_y, backend.kernel("dense", "backward", grad_y.device))
+        return _gradients(ctx, grad_y, backend.kernel_of(ctx.backend, "dense", "backward"))
 
 
 def _check_inputs(x, weight, bias) -> None:
@@ -128,7 +132,8 @@ def _takes_cpp_entry(x, weight, bias) -> bool:
     """Eager call on a compiled backend: the C++ entry checks the tensors (anything else, and every
     other path, is checked here in Python, so non-tensors get the same clear errors)."""
     return (isinstance(x, Tensor) and isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))
-            and backend.select(x.device) in _COMPILED and not torch.compiler.is_compiling())
+            and backend.select(x.device) in _COMPILED and not _route.traced()
+            and not _route.plain_math(x, weight, bias))
 
 
 def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "relu",
@@ -149,15 +154,17 @@ def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activatio
     if _takes_cpp_entry(x, weight, bias):
         return _extension._C.dense_eager(x, weight, bias, act.code, float(negative_slope))
     _check_inputs(x, weight, bias)
-    device = x.device
-    if torch.is_autocast_enabled(device.type):
-        dtype = torch.get_autocast_dtype(device.type)
+    dtype = autocast_dtype(x.device)
+    if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     check_same(("x", "weight", "bias"), (x, weight, bias))
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    if _route.plain_math(x, weight, bias):
+        return reference.fused_dense(x, weight, bias, act.name, float(negative_slope))
+    # Rows spelled out rather than -1: with in_features == 0 there is nothing to infer -1 from.
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
     weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
-    if torch.compiler.is_compiling():
+    if _route.traced():
         y, _ = _forward(x2d, weight, bias, act.code, float(negative_slope))
     else:
         y = _EagerFusedDense.apply(x2d, weight, bias, act.code, float(negative_slope))

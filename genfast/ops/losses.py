@@ -14,8 +14,9 @@ import numbers
 import torch
 from torch import Tensor
 
-from genfast import backend
+from genfast import backend, reference
 from genfast.loss_terms import GAN_KINDS, RECON_LOSSES, REDUCTIONS, UINT8_TARGET_SCALE, Term, code_of, real_term
+from genfast.ops import _route
 from genfast.ops._checks import FLOAT_DTYPES, check_same, check_tensor
 
 _NONE = REDUCTIONS["none"]
@@ -48,7 +49,8 @@ def _no_double_backward(name: str):
 def _elbo(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float, recon_kind: int, reduction: int,
           target_scale: float, need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     forward = backend.kernel("losses", "elbo_forward", recon.device)
-    return tuple(forward(recon, target, mu, logvar, beta, recon_kind, reduction, target_scale, need_grad))
+    return tuple(forward(*(t.contiguous() for t in (recon, target, mu, logvar)), beta, recon_kind, reduction,
+                         target_scale, need_grad))
 
 
 @_elbo.register_fake
@@ -124,12 +126,20 @@ def _check_elbo_inputs(recon, target, mu, logvar, beta) -> None:
         raise ValueError(f"logvar: expected mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
     if mu.shape[0] != recon.shape[0]:
         raise ValueError(f"mu: expected recon's batch size {recon.shape[0]}, got shape {tuple(mu.shape)}")
-    _check_number("beta", beta)
 
 
-def _check_number(name: str, value: object) -> None:
+def _number(name: str, value: object) -> float:
+    """A finite real number, given as a Python number or a one-element tensor that needs no gradient."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name}: expected a real number or a one-element real tensor, got a tensor of shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        if value.requires_grad:
+            raise ValueError(f"{name}: genfast's losses give {name} no gradient; pass {name}.detach() or a number")
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{name}: expected a finite real number, got {value!r}")
+    return float(value)
 
 
 def _check_reduction(reduction: str, numel: int, what: str) -> int:
@@ -165,14 +175,18 @@ def elbo_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: f
         differentiable too.
     """
     _check_elbo_inputs(recon, target, mu, logvar, beta)
+    beta = _number("beta", beta)
     kind = code_of(RECON_LOSSES, recon_loss, "recon_loss")
     red = _check_reduction(reduction, recon.shape[0], "batch")
+    if _route.plain_math(recon, mu, logvar):
+        terms = reference.elbo_terms(recon, target, mu, logvar, beta, recon_loss, reduction)
+        return terms if return_terms else terms[0]
     target_scale = UINT8_TARGET_SCALE if target.dtype == torch.uint8 else 1.0
     if target.dtype == torch.bool:
         target = target.view(torch.uint8)
-    args = (*(t.flatten(1).contiguous() for t in (recon, target, mu, logvar)), float(beta), kind, red, target_scale)
+    args = (*(t.flatten(1).contiguous() for t in (recon, target, mu, logvar)), beta, kind, red, target_scale)
     need_grad = _need_grad(recon, mu, logvar)
-    if torch.compiler.is_compiling():
+    if _route.traced():
         terms = _elbo(*args, need_grad)[:3]
     elif need_grad:
         terms = _EagerElbo.apply(*args, True)
@@ -188,7 +202,8 @@ def elbo_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: f
 def _gan(first: Tensor, second: Tensor, term0: int, param0: float, term1: int, param1: float, reduction: int,
          need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     forward = backend.kernel("losses", "gan_forward", first.device)
-    return tuple(forward(first, second, term0, param0, term1, param1, reduction, need_grad))
+    return tuple(forward(first.contiguous(), second.contiguous(), term0, param0, term1, param1, reduction,
+                         need_grad))
 
 
 @_gan.register_fake
@@ -230,7 +245,7 @@ def _gan_loss(first: Tensor, second: Tensor | None, terms: tuple[Term, Term], re
     flat = [first.reshape(-1).contiguous(), first.new_empty(0) if second is None else second.reshape(-1).contiguous()]
     args = (*flat, terms[0].code, float(terms[0].param), terms[1].code, float(terms[1].param), red)
     need_grad = _need_grad(*flat)
-    if torch.compiler.is_compiling():
+    if _route.traced():
         loss = _gan(*args, need_grad)[0]
     elif need_grad:
         loss = _EagerGan.apply(*args, True)
@@ -264,7 +279,7 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "no
     check_tensor("real_logits", real_logits)
     check_tensor("fake_logits", fake_logits)
     check_same(("real_logits", "fake_logits"), (real_logits, fake_logits))
-    _check_number("real_label_smoothing", real_label_smoothing)
+    real_label_smoothing = _number("real_label_smoothing", real_label_smoothing)
     if not 0.0 <= real_label_smoothing < 1.0:
         raise ValueError(f"real_label_smoothing: expected a value in [0, 1), got {real_label_smoothing}")
     if real_label_smoothing and not GAN_KINDS[kind].smoothable:
@@ -273,6 +288,8 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "no
         raise ValueError(f"fake_logits: reduction 'none' needs real_logits' shape {tuple(real_logits.shape)}, "
                          f"got {tuple(fake_logits.shape)}")
     _check_reduction(reduction, min(real_logits.numel(), fake_logits.numel()), "batch")
+    if _route.plain_math(real_logits, fake_logits):
+        return reference.discriminator_loss(real_logits, fake_logits, kind, real_label_smoothing, reduction)
     terms = (real_term(kind, real_label_smoothing), GAN_KINDS[kind].fake)
     return _gan_loss(real_logits, fake_logits, terms, reduction)
 
@@ -291,6 +308,8 @@ def generator_loss(fake_logits: Tensor, kind: str = "nonsaturating", reduction: 
     _check_kind(kind)
     check_tensor("fake_logits", fake_logits)
     _check_reduction(reduction, fake_logits.numel(), "batch")
+    if _route.plain_math(fake_logits):
+        return reference.generator_loss(fake_logits, kind, reduction)
     return _gan_loss(fake_logits, None, (GAN_KINDS[kind].generator, Term(0, 0.0)), reduction)
 
 
@@ -312,7 +331,7 @@ def r1_penalty(real_logits: Tensor, real_inputs: Tensor, gamma: float) -> Tensor
     """
     check_tensor("real_logits", real_logits)
     check_tensor("real_inputs", real_inputs)
-    _check_number("gamma", gamma)
+    gamma = _number("gamma", gamma)
     if not real_inputs.requires_grad or real_logits.grad_fn is None:
         raise ValueError("real_inputs: must require grad before the discriminator runs on them "
                          "(real_inputs.requires_grad_(); real_logits = D(real_inputs))")

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from genfast import backend
+from genfast import backend, reference
+from genfast.ops import _route
 from genfast.ops._checks import check_same, check_tensor
 from genfast.reference import KL_ROWS_DTYPE
 
@@ -94,6 +95,8 @@ def _(grad_kl, mu, logvar):
 # Autograd: one rule per op, shared by the custom ops (compile) and the autograd.Functions (eager).
 
 def _sample_gradients(ctx, grad_z: Tensor | None, backward) -> tuple[Tensor | None, Tensor | None]:
+    """None when z took no part in the loss (grads are not materialized): never 0 * exp(0.5 logvar),
+    which is NaN where that overflows, as PyTorch, which never reaches an unused z, would not give."""
     logvar, rng_state = ctx.saved_tensors[:2]
     if grad_z is None:
         return None, None
@@ -118,6 +121,7 @@ def _no_double_backward(op: str) -> None:
 
 def _setup_sample(ctx, inputs, output) -> None:
     ctx.save_for_backward(inputs[1], output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _reparameterize_autograd(ctx, grad_z, _grad_state):
@@ -142,6 +146,7 @@ _kl_rows.register_autograd(_kl_autograd, setup_context=_setup_kl)
 
 def _setup_sample_kl(ctx, inputs, output) -> None:
     ctx.save_for_backward(inputs[1], output[1], inputs[0])
+    ctx.set_materialize_grads(False)
 
 
 def _sample_kl_gradients(ctx, grad_z, grad_kl, sample_backward, kl_backward):
@@ -159,51 +164,58 @@ torch.library.register_autograd(
     setup_context=_setup_sample_kl)
 
 
-def _eager_kernel(family: str, step: str):
-    """The backend's kernel, inputs made contiguous (as the custom ops do)."""
+def _eager_kernel(name: str, family: str, step: str):
+    """Backend `name`'s kernel, inputs made contiguous (as the custom ops do)."""
+    kernel = backend.kernel_of(name, family, step, module="reparam")
+
     def call(*tensors):
-        device = next(t.device for t in tensors if isinstance(t, Tensor))
-        return _kernel(family, step, device)(*(t.contiguous() if isinstance(t, Tensor) else t for t in tensors))
+        return kernel(*(t.contiguous() if isinstance(t, Tensor) else t for t in tensors))
     return call
 
+
+# The eager Functions record the backend their forward ran on (ctx.backend): backward runs there too,
+# whichever thread autograd runs it on.
 
 class _EagerReparameterize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, generator):
-        z, rng_state = _eager_kernel("reparam", "forward")(mu, logvar, generator)
+        ctx.backend = backend.select(mu.device)
+        z, rng_state = _eager_kernel(ctx.backend, "reparam", "forward")(mu, logvar, generator)
         _setup_sample(ctx, (mu, logvar), (z, rng_state))
         return z
 
     @staticmethod
     def backward(ctx, grad_z):
         _no_double_backward("reparameterize")
-        return (*_sample_gradients(ctx, grad_z, _eager_kernel("reparam", "backward")), None)
+        return (*_sample_gradients(ctx, grad_z, _eager_kernel(ctx.backend, "reparam", "backward")), None)
 
 
 class _EagerKl(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar):
+        ctx.backend = backend.select(mu.device)
         _setup_kl(ctx, (mu, logvar), None)
-        return _eager_kernel("kl", "forward")(mu, logvar)
+        return _eager_kernel(ctx.backend, "kl", "forward")(mu, logvar)
 
     @staticmethod
     def backward(ctx, grad_kl):
         _no_double_backward("kl_divergence")
-        return _kl_gradients(ctx, grad_kl, *ctx.saved_tensors, _eager_kernel("kl", "backward"))
+        return _kl_gradients(ctx, grad_kl, *ctx.saved_tensors, _eager_kernel(ctx.backend, "kl", "backward"))
 
 
 class _EagerReparameterizeKl(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, generator):
-        z, rng_state, kl = _eager_kernel("reparam_kl", "forward")(mu, logvar, generator)
+        ctx.backend = backend.select(mu.device)
+        z, rng_state, kl = _eager_kernel(ctx.backend, "reparam_kl", "forward")(mu, logvar, generator)
         ctx.mark_non_differentiable(rng_state)
         _setup_sample_kl(ctx, (mu, logvar), (z, rng_state))
         return z, kl
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
-        return (*_sample_kl_gradients(ctx, grad_z, grad_kl, _eager_kernel("reparam", "backward"),
-                                      _eager_kernel("kl", "backward")), None)
+        return (*_sample_kl_gradients(ctx, grad_z, grad_kl, _eager_kernel(ctx.backend, "reparam", "backward"),
+                                      _eager_kernel(ctx.backend, "kl", "backward")), None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,7 +265,9 @@ def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None
         grad_logvar = 0.5 * grad_z * eps * exp(0.5 * logvar) with the very eps of the forward.
     """
     _check_pair(mu, logvar, generator)
-    if torch.compiler.is_compiling():
+    if _route.plain_math(mu, logvar):
+        return reference.reparameterize(mu, logvar, generator)
+    if _route.traced():
         return torch.ops.genfast.reparameterize(mu, logvar)[0]
     return _EagerReparameterize.apply(mu, logvar, generator)
 
@@ -269,7 +283,9 @@ def kl_divergence(mu: Tensor, logvar: Tensor, reduction: str = "mean") -> Tensor
     """
     _check_pair(mu, logvar)
     _check_kl(mu, reduction)
-    rows = _kl_rows(mu, logvar) if torch.compiler.is_compiling() else _EagerKl.apply(mu, logvar)
+    if _route.plain_math(mu, logvar):
+        return reference.kl_divergence(mu, logvar, reduction)
+    rows = _kl_rows(mu, logvar) if _route.traced() else _EagerKl.apply(mu, logvar)
     return _reduce(rows, mu, reduction)
 
 
@@ -278,7 +294,9 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, reduction: str = "mean",
     """(reparameterize(mu, logvar), kl_divergence(mu, logvar, reduction)) in one pass over mu and logvar."""
     _check_pair(mu, logvar, generator)
     _check_kl(mu, reduction)
-    if torch.compiler.is_compiling():
+    if _route.plain_math(mu, logvar):
+        return reference.reparameterize(mu, logvar, generator), reference.kl_divergence(mu, logvar, reduction)
+    if _route.traced():
         z, _, rows = torch.ops.genfast.reparameterize_kl(mu, logvar)
     else:
         z, rows = _EagerReparameterizeKl.apply(mu, logvar, generator)

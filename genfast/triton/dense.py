@@ -148,8 +148,13 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_gr
     if SAVES == _PREACT:
         tl.store(z_ptr + offsets, acc.to(z_ptr.dtype.element_ty), mask=inside)
     if SAVES == _MASK:
-        # Out-of-range columns hold z = 0, so their bits (the row padding) come out 0.
-        bits = tl.reshape((acc > 0).to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8))
+        # Out-of-range columns hold z = 0, so their bits (the row padding) come out 0. The rule is
+        # activations.py's: relu's bit is "not z <= 0" (NaN passes), leaky_relu's "z > 0".
+        if ACT == RELU:
+            passes = (acc <= 0) == 0
+        else:
+            passes = acc > 0
+        bits = tl.reshape(passes.to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8))
         packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
         byte = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
         tl.store(mask_ptr + rows[:, None] * row_bytes + byte[None, :], packed,
@@ -219,7 +224,7 @@ def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act
                    need_x: bool, need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
     """grad_x (M, K), grad_weight (N, K), grad_bias (N,) from dz = grad_y * act'(saved).
 
-    Each gradient not needed comes back as an empty tensor.
+    Each gradient not needed comes back as an empty tensor of its own (a custom op's outputs may not alias).
     """
     m, n = grad_y.shape
     saves = _SAVES_CODE[_SAVES[act_code]]
@@ -238,7 +243,6 @@ def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act
         if need_b:
             # torch's sum over dim 0 is a fixed-order tree reduction: deterministic.
             grad_b = partial.sum(0).to(x.dtype)
-    empty = x.new_empty(0)
-    grad_x = _matmul(dz, weight, x.new_empty(x.shape)) if need_x else empty
-    grad_w = _matmul(dz.t(), x, weight.new_empty(weight.shape)) if need_w else empty
+    grad_x = _matmul(dz, weight, x.new_empty(x.shape)) if need_x else x.new_empty(0)
+    grad_w = _matmul(dz.t(), x, weight.new_empty(weight.shape)) if need_w else x.new_empty(0)
     return grad_x, grad_w, grad_b

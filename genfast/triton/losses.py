@@ -57,10 +57,11 @@ def _relu(x):
 
 @triton.jit
 def _bce(x, t):
-    """Loss (1 - t) relu(x) + t relu(-x) + log1p(exp(-|x|)) and its derivative sigmoid(x) - t."""
+    """Loss (1 - t) x + relu(-x) + log1p(exp(-|x|)) (PyTorch's form, its NaN at infinite logits too) and
+    its derivative sigmoid(x) - t."""
     e = tl.exp(-tl.abs(x))
     sigmoid = tl.where(x >= 0.0, 1.0, e) / (1.0 + e)
-    return (1.0 - t) * _relu(x) + t * _relu(-x) + _log1p(e), sigmoid - t
+    return (1.0 - t) * x + _relu(-x) + _log1p(e), sigmoid - t
 
 
 @triton.jit
@@ -143,9 +144,10 @@ def _gan_kernel(x0_ptr, x1_ptr, g0_ptr, g1_ptr, out_ptr, part0_ptr, part1_ptr, N
 
 
 @triton.jit
-def _finish_kernel(a_ptr, b_ptr, n, out0_ptr, out1_ptr, out2_ptr, wa0, wb0, wa1, wb1, wa2, wb2,
+def _finish_kernel(a_ptr, b_ptr, n, out0_ptr, out1_ptr, out2_ptr, wa, wb, w1, w2,
                    OUTPUTS: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: S_a = sum a, S_b = sum b in fp64, index order; out_j = wa_j S_a + wb_j S_b."""
+    """One program: S_a = sum a, S_b = sum b in fp64, index order; out0 = wa S_a + wb S_b and, for three
+    outputs, out1 = w1 S_a and out2 = w2 S_b (each term alone: an infinite S_b must not make out1 0 * inf)."""
     sum_a = tl.zeros((BLOCK,), dtype=tl.float64)
     sum_b = tl.zeros((BLOCK,), dtype=tl.float64)
     for i in range(0, n, BLOCK):
@@ -153,21 +155,22 @@ def _finish_kernel(a_ptr, b_ptr, n, out0_ptr, out1_ptr, out2_ptr, wa0, wb0, wa1,
         sum_a += tl.load(a_ptr + offs, mask=offs < n, other=0.0).to(tl.float64)
         sum_b += tl.load(b_ptr + offs, mask=offs < n, other=0.0).to(tl.float64)
     s_a, s_b = tl.sum(sum_a, axis=0), tl.sum(sum_b, axis=0)
-    tl.store(out0_ptr, (wa0 * s_a + wb0 * s_b).to(out0_ptr.dtype.element_ty))
+    tl.store(out0_ptr, (wa * s_a + wb * s_b).to(out0_ptr.dtype.element_ty))
     if OUTPUTS == 3:
-        tl.store(out1_ptr, (wa1 * s_a + wb1 * s_b).to(out1_ptr.dtype.element_ty))
-        tl.store(out2_ptr, (wa2 * s_a + wb2 * s_b).to(out2_ptr.dtype.element_ty))
+        tl.store(out1_ptr, (w1 * s_a).to(out1_ptr.dtype.element_ty))
+        tl.store(out2_ptr, (w2 * s_b).to(out2_ptr.dtype.element_ty))
 
 
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _finish(a: Tensor, b: Tensor, weights: tuple[tuple[float, float], ...], dtype: torch.dtype) -> list[Tensor]:
-    """wa_j * sum(a) + wb_j * sum(b) for each weight pair j (one or three), 0-d tensors in `dtype`."""
-    out = [a.new_empty((), dtype=dtype) for _ in weights]
-    flat = [w for pair in weights for w in pair] + [0.0] * (6 - 2 * len(weights))
-    _finish_kernel[(1,)](a, b, a.numel(), *(out * 3)[:3], *flat, OUTPUTS=len(weights), BLOCK=_MAX_BLOCK)
+def _finish(a: Tensor, b: Tensor, weights: tuple[float, float], terms: tuple[float, float] | None,
+            dtype: torch.dtype) -> list[Tensor]:
+    """[wa sum(a) + wb sum(b)], plus [w1 sum(a), w2 sum(b)] for terms (w1, w2): 0-d tensors in `dtype`."""
+    out = [a.new_empty((), dtype=dtype) for _ in range(1 if terms is None else 3)]
+    _finish_kernel[(1,)](a, b, a.numel(), *(out * 3)[:3], *weights, *(terms or (0.0, 0.0)), OUTPUTS=len(out),
+                         BLOCK=_MAX_BLOCK)
     return out
 
 
@@ -190,7 +193,7 @@ def losses_elbo_forward(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tenso
                                RECON=recon_kind, NEED_GRAD=need_grad, PER_SAMPLE=per_sample,
                                ACC=_acc(recon.dtype), BLOCK_D=_block(d), BLOCK_L=_block(latent))
     if not per_sample:
-        loss, r, k = _finish(r, k, ((g_scale, beta * g_scale), (g_scale, 0.0), (0.0, g_scale)), recon.dtype)
+        loss, r, k = _finish(r, k, (g_scale, beta * g_scale), (g_scale, g_scale), recon.dtype)
     return (loss, r, k, *grads)
 
 
@@ -208,5 +211,5 @@ def losses_gan_forward(first: Tensor, second: Tensor, term0: int, param0: float,
                                TERM0=term0, TERM1=term1, NEED_GRAD=need_grad, PER_ELEMENT=per_element,
                                ACC=tl.float64, BLOCK=_GAN_BLOCK)
     if not per_element:
-        out = _finish(*partial, (tuple(scales),), first.dtype)[0]
+        out = _finish(*partial, tuple(scales), None, first.dtype)[0]
     return (out, *grads)
