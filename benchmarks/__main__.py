@@ -1,11 +1,14 @@
-"""Command line of the benchmark suite: ``python -m benchmarks --device cpu --quick``."""
+"""Command line of the benchmark suite: ``python -m benchmarks --device cpu --quick``; after a change to the
+report, ``python -m benchmarks --render benchmarks/results/<device>.json`` redraws its Markdown and plots."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
+from benchmarks import report
 from benchmarks.cases import FAMILIES
 from benchmarks.runner import run
 
@@ -18,10 +21,17 @@ def main() -> None:
                         help="op families to run")
     parser.add_argument("--quick", action="store_true", help="few shapes and repeats: a smoke run")
     parser.add_argument("--flush-l2", action="store_true", help="CUDA: flush the L2 cache before each call")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for <device>.json/.md/.png")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for <device>.json/.md/-<family>.png")
+    parser.add_argument("--render", metavar="JSON", type=Path,
+                        help="run nothing: rewrite the Markdown and plots of these results (the JSON is left as it is)")
     args = parser.parse_args()
+    if args.render and not args.render.is_file():
+        parser.error(f"--render: no results file {args.render}")
+    if args.render:
+        print("wrote " + ", ".join(map(str, report.render(args.render))))
+        return
     path = run(device=args.device, cases=args.cases, quick=args.quick, out=args.out, flush_l2=args.flush_l2)
-    print(f"wrote {path} and its .md and .png")
+    print(f"wrote {path}, its .md and a .png per op family")
 
 
 if __name__ == "__main__":

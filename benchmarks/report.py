@@ -1,18 +1,15 @@
-"""Writes a run's results: <slug>.json (everything), <slug>.md (a table), <slug>.png (speed-ups)."""
+"""Writes a run's results: <stem>.json (everything), <stem>.md (a summary, then every case) and one
+<stem>-<family>.png per op family (the ratios). ``render`` redoes the last two from the JSON alone."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+from statistics import geometric_mean
+from typing import NamedTuple
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-
-from benchmarks.environment import slug  # noqa: E402
+from benchmarks.environment import slug
+from benchmarks.plot import plot_family
 
 _METHOD = ("Median of many calls after warm-up ({clock}); the contenders alternate for {rounds} round(s), "
            "each keeping its best median. Ratios are baseline time / genfast time: "
@@ -22,14 +19,72 @@ _METHOD = ("Median of many calls after warm-up ({clock}); the contenders alterna
 
 
 def write(out: Path, header: dict, rows: list[dict], suffix: str = "") -> Path:
-    """Write the three files for `header`'s device (+ suffix) into `out`; return the JSON's path."""
+    """Write the JSON for `header`'s device (+ suffix) into `out`, then its Markdown and plots; return its path."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / (slug(header["device"]) + suffix)
-    json_path = stem.with_suffix(".json")
+    json_path = out / (slug(header["device"]) + suffix + ".json")
     json_path.write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(header, rows))
-    _plot(header, rows, stem.with_suffix(".png"))
+    render(json_path)
     return json_path
+
+
+def render(json_path: Path) -> list[Path]:
+    """Write <stem>.md and <stem>-<family>.png beside `json_path` from it alone (the JSON is left as it is);
+    return their paths. Run it (``python -m benchmarks --render X.json``) after changing this module."""
+    result = json.loads(Path(json_path).read_text())
+    header, rows = result["header"], result["rows"]
+    plots = {}
+    for family, family_rows in _by_family(rows).items():
+        plots[family] = json_path.with_name(f"{json_path.stem}-{family}.png")
+        plot_family(family_rows, f"genfast {family}: baseline time / genfast time, log scale (> 1: genfast faster)\n"
+                    + _provenance(header), plots[family])
+    md = json_path.with_suffix(".md")
+    md.write_text(markdown(header, rows, {family: path.name for family, path in plots.items()}))
+    return [md, *plots.values()]
+
+
+def _by_family(rows: list[dict]) -> dict[str, list[dict]]:
+    families: dict[str, list[dict]] = {}
+    for row in rows:
+        families.setdefault(row["family"], []).append(row)
+    return families
+
+
+def _ratio_keys(rows: list[dict]) -> list[str]:
+    """Every ratio column (baseline/genfast:backend), in the order they first appear."""
+    return list(dict.fromkeys(key for row in rows for key in row["ratios"]))
+
+
+class Summary(NamedTuple):
+    geomean: float
+    low: float
+    high: float
+    cases: int
+
+
+def summary(rows: list[dict]) -> dict[str, dict[str, Summary]]:
+    """Per op family, per ratio column: the geometric mean of the cases' ratios, their min, max and count.
+    Geometric, because ratios multiply: 2x faster and 2x slower average to parity."""
+    table = {}
+    for family, family_rows in _by_family(rows).items():
+        values: dict[str, list[float]] = {}
+        for row in family_rows:
+            for key, ratio in row["ratios"].items():
+                values.setdefault(key, []).append(ratio)
+        table[family] = {key: Summary(geometric_mean(v), min(v), max(v), len(v)) for key, v in values.items()}
+    return table
+
+
+def _summary_table(rows: list[dict], plots: dict[str, str]) -> list[str]:
+    keys = _ratio_keys(rows)
+    lines = ["Geometric mean of the ratios (baseline time / genfast time, > 1: genfast faster) per op family, "
+             "with their min–max and the number of cases; each family links to its plot.", "",
+             "| family | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for family, by_key in summary(rows).items():
+        cells = [f"[{family}]({plots[family]})" if family in plots else family]
+        cells += [f"**{s.geomean:.2f}** ({s.low:.2f}–{s.high:.2f}, {s.cases})" if (s := by_key.get(key)) else "—"
+                  for key in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _provenance(header: dict) -> str:
@@ -57,11 +112,21 @@ def _percent(result: dict | None, key: str) -> str:
     return f"{100 * result[key]:.0f}%" if result and key in result else "—"
 
 
-def markdown(header: dict, rows: list[dict]) -> str:
-    """The results as a Markdown table, one line per case, headed by where they came from."""
-    names = _contenders(rows)
-    ratios = list(dict.fromkeys(key for row in rows for key in row["ratios"]))
+def markdown(header: dict, rows: list[dict], plots: dict[str, str] | None = None) -> str:
+    """The results as Markdown, headed by where they came from: the summary per family (linking to `plots`,
+    family -> file name), then one line per case."""
     on_gpu = header["device_type"] == "cuda"
+    lines = [f"# genfast benchmarks: {header['device']}", "", _provenance(header), "", "## Summary", "",
+             *_summary_table(rows, plots or {}), "", "## Every case", "",
+             _METHOD.format(clock="CUDA events" if on_gpu else "time.perf_counter per call",
+                            rounds=header["settings"]["timing"]["rounds"]), "",
+             *_case_table(rows, on_gpu)]
+    return "\n".join(lines) + "\n"
+
+
+def _case_table(rows: list[dict], on_gpu: bool) -> list[str]:
+    names = _contenders(rows)
+    ratios = _ratio_keys(rows)
     genfast_names = [n for n in names if n.startswith("genfast:")]
     fractions = [(key, label) for key, label in (("matmul_fraction", "matmul rate"),
                                                  ("bandwidth_fraction", "bandwidth"))
@@ -71,10 +136,7 @@ def markdown(header: dict, rows: list[dict]) -> str:
                + [f"peak MB ({' / '.join(names)})" if on_gpu else "peak MB"]
                + ([f"{n} % of {label}" for _, label in fractions for n in genfast_names]
                   + [f"kernels ({' / '.join(names)})"] if on_gpu else []))
-    lines = [f"# genfast benchmarks: {header['device']}", "", _provenance(header), "",
-             _METHOD.format(clock="CUDA events" if on_gpu else "time.perf_counter per call",
-                          rounds=header["settings"]["timing"]["rounds"]), "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         results = row["results"]
         cells = [row["case"]] + [_ms(results[n]["median_ms"]) if n in results else "—" for n in names]
@@ -89,29 +151,4 @@ def markdown(header: dict, rows: list[dict]) -> str:
         else:
             cells.append("n/a (CPU)")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _plot(header: dict, rows: list[dict], path: Path) -> None:
-    """Horizontal bars of every ratio per case, log2 axis, a line at 1.0 (parity)."""
-    ratios = list(dict.fromkeys(key for row in rows for key in row["ratios"]))
-    height = 0.8 / max(len(ratios), 1)
-    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.22 * len(ratios) * len(rows)))
-    for i, key in enumerate(ratios):
-        positions = [r - 0.4 + height * (i + 0.5) for r in range(len(rows))]
-        bars = ax.barh(positions, [row["ratios"].get(key, 0) for row in rows], height=height, label=key)
-        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=2)
-    ax.axvline(1.0, color="black", linewidth=1)
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-    ax.set_yticks(range(len(rows)), [row["case"] for row in rows], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("baseline time / genfast time  (> 1: genfast faster)")
-    ax.set_title(f"genfast speed-up\n{_provenance(header)}", fontsize=8, wrap=True)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    temporary = path.with_suffix(".png.tmp")
-    fig.savefig(temporary, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(temporary, path)
+    return lines

@@ -19,7 +19,7 @@ from benchmarks.cases import FAMILIES
 
 def run(device: str | None = None, cases: Sequence[str] = tuple(FAMILIES), quick: bool = False,
         out: str | os.PathLike = "benchmarks/results", flush_l2: bool = False) -> Path:
-    """Benchmark the families `cases` on `device`; write <out>/<device>.json/.md/.png; return the JSON path.
+    """Benchmark the families `cases` on `device`; write <out>/<device>.json/.md/-<family>.png; return the JSON path.
 
     Example: ``benchmarks.run(device="cpu", cases=["dense"], quick=True, out="/tmp/bench")``.
     """
