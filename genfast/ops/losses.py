@@ -15,7 +15,15 @@ import torch
 from torch import Tensor
 
 from genfast import backend, reference
-from genfast.loss_terms import GAN_KINDS, RECON_LOSSES, REDUCTIONS, UINT8_TARGET_SCALE, Term, code_of, real_term
+from genfast.loss_terms import (
+    GAN_KINDS,
+    RECON_LOSSES,
+    REDUCTIONS,
+    UINT8_TARGET_SCALE,
+    Term,
+    code_of,
+    real_term,
+)
 from genfast.ops import _route
 from genfast.ops._checks import FLOAT_DTYPES, check_same, check_tensor
 
