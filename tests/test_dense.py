@@ -220,6 +220,12 @@ def test_opcheck(backend, act):
         torch.library.opcheck(torch.ops.genfast.fused_dense.default, (x, w, None, ACTIVATIONS[act].code, SLOPE))
         strided = (non_contiguous(x), non_contiguous(w), non_contiguous(b), ACTIVATIONS[act].code, SLOPE)
         torch.library.opcheck(torch.ops.genfast.fused_dense.default, strided)
+        y, aux = torch.ops.genfast.fused_dense(x.detach(), w.detach(), b.detach(), ACTIVATIONS[act].code, SLOPE)
+        saved = y if ACTIVATIONS[act].saves == "output" else aux
+        for need in ((True, True, True), (False, True, False), (True, False, False), (False, False, True)):
+            torch.library.opcheck(torch.ops.genfast.fused_dense_backward.default,
+                                  (non_contiguous(torch.randn_like(y)), x.detach(), w.detach(), saved,
+                                   ACTIVATIONS[act].code, SLOPE, *need))
 
 
 @pytest.mark.gpu
