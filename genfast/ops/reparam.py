@@ -95,8 +95,9 @@ def _(grad_kl, mu, logvar):
 # Autograd: one rule per op, shared by the custom ops (compile) and the autograd.Functions (eager).
 
 def _sample_gradients(ctx, grad_z: Tensor | None, backward) -> tuple[Tensor | None, Tensor | None]:
-    """None when z took no part in the loss (grads are not materialized): never 0 * exp(0.5 logvar),
-    which is NaN where that overflows, as PyTorch, which never reaches an unused z, would not give."""
+    """grad_z is None when z took no part in the loss (grads are not materialized): then there is no
+    sampling term. A zero grad_z times an overflowing exp(0.5 logvar) would be 0 * inf = NaN, where
+    PyTorch, which never reaches an unused z, gives the KL's gradient alone."""
     logvar, rng_state = ctx.saved_tensors[:2]
     if grad_z is None:
         return None, None
