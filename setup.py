@@ -3,7 +3,8 @@
 Build switches (environment variables; each one set is printed during the build):
   GENFAST_CUDA=0|1        force the CPU-only or the CUDA build. Default: CUDA when this PyTorch is a
                           CUDA build and a CUDA toolkit is found (no GPU needed to build).
-  TORCH_CUDA_ARCH_LIST    CUDA architectures to compile for. Default: "8.0;9.0" (sm_80, sm_90).
+  TORCH_CUDA_ARCH_LIST    CUDA architectures to compile for. Default: "8.0;9.0+PTX" (sm_80 and sm_90 code,
+                          plus sm_90 PTX that newer GPUs, sm_100 and sm_120, compile when they load it).
   CUDA_HOME               the CUDA toolkit. Default: /usr/local/cuda when it exists, else PyTorch's guess.
   MAX_JOBS                parallel compile jobs (ninja).
   GENFAST_DEBUG=1         compile with -O0 -g instead of -O3.
@@ -27,7 +28,7 @@ for name in SWITCHES:
         print(f"genfast build: {name}={os.environ[name]}", file=sys.stderr)
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
 import torch  # noqa: E402  (CUDA_HOME must be set before cpp_extension reads it)
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402

@@ -51,3 +51,22 @@ def test_cuda_kernels_are_compiled_when_a_toolkit_and_cuda_torch_are_present():
     if os.environ.get("GENFAST_CUDA") == "0":
         pytest.skip("GENFAST_CUDA=0 forced a CPU-only build")
     assert genfast.build_info()["cuda"], "CUDA toolkit and CUDA PyTorch present, but no CUDA kernels were built"
+
+
+def test_cuda_build_embeds_ptx_for_gpus_newer_than_its_targets():
+    """SASS alone (the old default 8.0;9.0) gives 'no kernel image' on sm_100/sm_120; PTX is JIT-compiled.
+    The architectures the build was given, and where the toolkit has cuobjdump, the PTX in the binary."""
+    import os
+    import shutil
+    import subprocess
+
+    info = genfast.build_info()
+    if not info["cuda"]:
+        pytest.skip("a CPU-only build has no GPU code")
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        assert any(arch.endswith("+PTX") for arch in info["cuda_archs"]), info["cuda_archs"]
+    cuobjdump = shutil.which("cuobjdump") or "/usr/local/cuda/bin/cuobjdump"
+    if os.path.exists(cuobjdump):
+        listing = subprocess.run([cuobjdump, "--list-ptx", _extension._C.__file__], capture_output=True, text=True,
+                                 timeout=120)
+        assert "sm_" in listing.stdout, listing.stdout[-2000:] + listing.stderr[-2000:]

@@ -208,3 +208,24 @@ def test_meta_tensors_give_meta_results():
     assert y.device.type == "meta" and y.shape == (4, 5)
     with genfast.use_backend("reference"):
         assert genfast.fused_dense(x[:, None], w, b, activation="gelu").shape == (4, 1, 5)
+
+
+def test_triton_backward_grid_fits_cuda_limits_for_millions_of_features(monkeypatch):
+    """Grid axes 1 and 2 take at most 65535 blocks: the dz kernel once put N / 64 blocks on axis 1,
+    which failed past N = 4,194,240. The launch is recorded, not run (the interpreter is too slow)."""
+    pytest.importorskip("triton")
+    from genfast.triton import dense as triton_dense
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(triton_dense, "_dz_kernel", Recorder())
+    n = 5_000_000
+    grad_y, x, w = torch.randn(1, n), torch.randn(1, 1), torch.randn(n, 1)
+    saved = torch.zeros(1, reference.mask_row_bytes(n), dtype=torch.uint8)
+    triton_dense.dense_backward(grad_y, x, w, saved, genfast.ACTIVATIONS["relu"].code, 0.0, False, False, True)
+    assert grids and all(size < 65536 for grid in grids for size in grid[1:]), grids

@@ -166,8 +166,11 @@ def _dz_kernel(g_ptr, s_ptr, dz_ptr, partial_ptr, M, N, row_bytes, slope,
                ACT: tl.constexpr, SAVES: tl.constexpr, STORE_DZ: tl.constexpr, REDUCE: tl.constexpr,
                ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dz = g * act'(saved) over ROWS rows; the column sums of those rows go to partial[pid_m]."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # One grid axis (axis 0 takes 2^31 - 1 programs; axes 1 and 2 only 65535): column block fastest.
+    pid = tl.program_id(0).to(tl.int64)
+    col_blocks = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // col_blocks
+    cols = (pid % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_sum = tl.zeros((BLOCK_N,), dtype=ACC)
     for r in range(0, ROWS, BLOCK_M):
         rows = pid_m * ROWS + r + tl.arange(0, BLOCK_M)
@@ -236,7 +239,7 @@ def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act
         acc = tl.float64 if x.dtype == torch.float64 else tl.float32
         partial = x.new_empty((triton.cdiv(m, rows), n), dtype=torch.float64 if acc == tl.float64
                               else torch.float32) if need_b else None
-        _dz_kernel[(triton.cdiv(m, rows), triton.cdiv(n, block_n))](
+        _dz_kernel[(triton.cdiv(m, rows) * triton.cdiv(n, block_n),)](
             grad_y, saved if saves else None, dz, partial, m, n, mask_row_bytes(n), slope, ACT=act_code,
             SAVES=saves, STORE_DZ=store_dz, REDUCE=need_b, ACC=acc, ROWS=rows, BLOCK_M=block_m,
             BLOCK_N=block_n)
