@@ -242,6 +242,9 @@ std::vector<at::Tensor> losses_elbo_forward_cuda(const at::Tensor& recon, const 
   CHECK_CUDA(target);
   CHECK_CUDA(mu);
   CHECK_CUDA(logvar);
+  CHECK_SAME_DEVICE(recon, target);  // one kernel reads them all: one GPU (a direct _C call can mix them)
+  CHECK_SAME_DEVICE(recon, mu);
+  CHECK_SAME_DEVICE(recon, logvar);
   check_elbo_inputs(recon, target, mu, logvar, recon_kind, reduction, target_scale);
   const c10::cuda::CUDAGuard guard(recon.device());
   const int64_t b = recon.size(0), d = recon.size(1), l = mu.size(1);
@@ -289,6 +292,7 @@ std::vector<at::Tensor> losses_gan_forward_cuda(const at::Tensor& first, const a
                                                 bool need_grad) {
   CHECK_CUDA(first);
   CHECK_CUDA(second);
+  CHECK_SAME_DEVICE(first, second);
   check_gan_inputs(first, second, term0, term1, reduction);
   const c10::cuda::CUDAGuard guard(first.device());
   const Reduction red = static_cast<Reduction>(reduction);
