@@ -26,6 +26,7 @@ from torch import Tensor
 
 from genfast.activations import ACTIVATIONS
 from genfast.reference import mask_row_bytes
+from genfast.triton._math import math_scalar
 
 # Globals read inside kernels must be tl.constexpr for the compiler.
 NONE, RELU, LEAKY_RELU, GELU, GELU_TANH, SILU, SIGMOID, TANH = (
@@ -109,7 +110,7 @@ def _act_derivative(s, ACT: tl.constexpr):
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "stride_ak", "stride_bk"])
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_grid, stride_am, stride_ak,
-                   stride_bk, stride_bn, stride_cm, stride_cn, row_bytes, slope,
+                   stride_bk, stride_bn, stride_cm, stride_cn, row_bytes, slope: tl.float64,
                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVES: tl.constexpr, PRECISION: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
@@ -144,7 +145,8 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_gr
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(ACC)
     inside = (rows[:, None] < M) & (cols[None, :] < N)
     offsets = rows[:, None] * stride_cm + cols[None, :] * stride_cn
-    tl.store(c_ptr + offsets, _act_forward(acc, slope, ACT).to(c_ptr.dtype.element_ty), mask=inside)
+    y = _act_forward(acc, math_scalar(slope, ACC), ACT)
+    tl.store(c_ptr + offsets, y.to(c_ptr.dtype.element_ty), mask=inside)
     if SAVES == _PREACT:
         tl.store(z_ptr + offsets, acc.to(z_ptr.dtype.element_ty), mask=inside)
     if SAVES == _MASK:
@@ -162,7 +164,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_gr
 
 
 @triton.jit
-def _dz_kernel(g_ptr, s_ptr, dz_ptr, partial_ptr, M, N, row_bytes, slope,
+def _dz_kernel(g_ptr, s_ptr, dz_ptr, partial_ptr, M, N, row_bytes, slope: tl.float64,
                ACT: tl.constexpr, SAVES: tl.constexpr, STORE_DZ: tl.constexpr, REDUCE: tl.constexpr,
                ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dz = g * act'(saved) over ROWS rows; the column sums of those rows go to partial[pid_m]."""
@@ -179,8 +181,11 @@ def _dz_kernel(g_ptr, s_ptr, dz_ptr, partial_ptr, M, N, row_bytes, slope,
         dz = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(ACC)
         if SAVES == _MASK:
             byte = tl.load(s_ptr + rows[:, None] * row_bytes + cols[None, :] // 8, mask=inside, other=0)
-            dz *= tl.where(((byte >> (cols[None, :] % 8).to(tl.uint8)) & 1) != 0, 1.0,
-                           slope if ACT == LEAKY_RELU else 0.0)
+            passes = ((byte >> (cols[None, :] % 8).to(tl.uint8)) & 1) != 0
+            if ACT == LEAKY_RELU:  # dz * slope, not a select of the slope: that would round it to fp32
+                dz = tl.where(passes, dz, dz * math_scalar(slope, ACC))
+            else:
+                dz = tl.where(passes, dz, 0.0)
         if SAVES == _OUTPUT or SAVES == _PREACT:
             dz *= _act_derivative(tl.load(s_ptr + offsets, mask=inside, other=0.0).to(ACC), ACT)
         if STORE_DZ:

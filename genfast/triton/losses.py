@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from genfast.loss_terms import RECON_LOSSES, REDUCTIONS, TERMS
+from genfast.triton._math import math_scalar
 
 # Globals read inside kernels must be tl.constexpr for the compiler.
 _RECON_BCE = tl.constexpr(RECON_LOSSES["bce"])
@@ -81,7 +82,7 @@ def _gan_term(x, p, TERM: tl.constexpr):
 
 @triton.jit
 def _elbo_row_kernel(x_ptr, t_ptr, mu_ptr, lv_ptr, gx_ptr, gmu_ptr, glv_ptr, loss_ptr, r_ptr, k_ptr, D, L,
-                     beta, t_scale, g_scale, RECON: tl.constexpr, NEED_GRAD: tl.constexpr,
+                     beta: tl.float64, t_scale: tl.float64, g_scale: tl.float64, RECON: tl.constexpr, NEED_GRAD: tl.constexpr,
                      PER_SAMPLE: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """Row pid: its sums r and k (to loss/r/k in the dtype if PER_SAMPLE, else to fp64 r/k), gradients."""
     row = tl.program_id(0).to(tl.int64)
@@ -90,7 +91,7 @@ def _elbo_row_kernel(x_ptr, t_ptr, mu_ptr, lv_ptr, gx_ptr, gmu_ptr, glv_ptr, los
         cols = j + tl.arange(0, BLOCK_D)
         inside = cols < D
         x = tl.load(x_ptr + row * D + cols, mask=inside, other=0.0).to(ACC)
-        t = tl.load(t_ptr + row * D + cols, mask=inside, other=0).to(ACC) * t_scale
+        t = tl.load(t_ptr + row * D + cols, mask=inside, other=0).to(ACC) * math_scalar(t_scale, ACC)
         if RECON == _RECON_BCE:
             loss, grad = _bce(x, t)
         else:  # in fp64, where the difference of two fp32 values and its square are (nearly) exact
@@ -98,7 +99,8 @@ def _elbo_row_kernel(x_ptr, t_ptr, mu_ptr, lv_ptr, gx_ptr, gmu_ptr, glv_ptr, los
             loss, grad = d * d, 2.0 * d
         r_acc += tl.where(inside, loss, 0.0).to(tl.float64)
         if NEED_GRAD:
-            tl.store(gx_ptr + row * D + cols, (grad * g_scale).to(gx_ptr.dtype.element_ty), mask=inside)
+            tl.store(gx_ptr + row * D + cols, (grad * math_scalar(g_scale, ACC)).to(gx_ptr.dtype.element_ty),
+                     mask=inside)
     k_acc = tl.zeros((BLOCK_L,), dtype=tl.float64)
     for j in range(0, L, BLOCK_L):
         cols = j + tl.arange(0, BLOCK_L)
@@ -123,7 +125,8 @@ def _elbo_row_kernel(x_ptr, t_ptr, mu_ptr, lv_ptr, gx_ptr, gmu_ptr, glv_ptr, los
 
 
 @triton.jit
-def _gan_kernel(x0_ptr, x1_ptr, g0_ptr, g1_ptr, out_ptr, part0_ptr, part1_ptr, N0, N1, p0, p1, c0, c1,
+def _gan_kernel(x0_ptr, x1_ptr, g0_ptr, g1_ptr, out_ptr, part0_ptr, part1_ptr, N0, N1, p0: tl.float64, p1: tl.float64,
+                c0: tl.float64, c1: tl.float64,
                 TERM0: tl.constexpr, TERM1: tl.constexpr, NEED_GRAD: tl.constexpr, PER_ELEMENT: tl.constexpr,
                 ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Block pid of both tensors: gradients, and each element's loss (PER_ELEMENT) or the block's sums."""
@@ -144,7 +147,8 @@ def _gan_kernel(x0_ptr, x1_ptr, g0_ptr, g1_ptr, out_ptr, part0_ptr, part1_ptr, N
 
 
 @triton.jit
-def _finish_kernel(a_ptr, b_ptr, n, out0_ptr, out1_ptr, out2_ptr, wa, wb, w1, w2,
+def _finish_kernel(a_ptr, b_ptr, n, out0_ptr, out1_ptr, out2_ptr, wa: tl.float64, wb: tl.float64, w1: tl.float64,
+                   w2: tl.float64,
                    OUTPUTS: tl.constexpr, BLOCK: tl.constexpr):
     """One program: S_a = sum a, S_b = sum b in fp64, index order; out0 = wa S_a + wb S_b and, for three
     outputs, out1 = w1 S_a and out2 = w2 S_b (each term alone: an infinite S_b must not make out1 0 * inf)."""
