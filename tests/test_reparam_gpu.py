@@ -546,7 +546,7 @@ def test_backend_noise_is_standard_normal(backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_backend_graph_replays_match_the_eager_sequence(backend):
     """Replays of a captured forward + backward draw fresh noise, equal to eager calls under the same seed
-    (Triton autotunes on the warm-up calls, before the capture)."""
+    (the warm-up calls compile the kernels before the capture)."""
     require_backend(backend, "cuda")
     mu, logvar = leaves((1003, 7), torch.float32)
     grad_z = torch.randn(1003, 7, device="cuda")

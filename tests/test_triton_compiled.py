@@ -103,3 +103,17 @@ def test_leaky_relu_slope_is_an_fp64_parameter_of_the_compiled_kernel(capability
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert ".param .f64" in result.stdout, result.stdout
+
+
+def test_no_kernel_times_configs_again_for_a_new_batch_size_in_its_bucket():
+    """Autotuning keys are power-of-two buckets of the sizes, never the exact sizes (a new batch or sequence
+    length would time every config again, and fail if first seen inside CUDA-graph capture); the
+    memory-bound kernels, whose configs all give the same bits, take theirs by rule."""
+    from triton.runtime.autotuner import Autotuner
+
+    from genfast.triton import dense, losses, reparam
+
+    tuned = {f"{module.__name__}.{name}": kernel for module in (dense, losses, reparam)
+             for name, kernel in vars(module).items() if isinstance(kernel, Autotuner)}
+    assert set(tuned) == {"genfast.triton.dense._matmul_kernel"}, sorted(tuned)
+    assert all(key.endswith(("_bucket", "_k_major")) for key in dense._matmul_kernel.keys), dense._matmul_kernel.keys

@@ -107,11 +107,14 @@ def _act_derivative(s, ACT: tl.constexpr):
         return 1.0 - s * s
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "stride_ak", "stride_bk"])
+# Tuned per power-of-two bucket of each size and per operand layout (the *_bucket / *_k_major arguments,
+# read by the autotuner only): a new batch size within a bucket neither times configs again nor, first
+# seen inside CUDA-graph capture, fails there.
+@triton.autotune(configs=_configs(), key=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major"])
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_grid, stride_am, stride_ak,
                    stride_bk, stride_bn, stride_cm, stride_cn, row_bytes, slope: tl.float64,
-                   ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVES: tl.constexpr, PRECISION: tl.constexpr,
+                   m_bucket, n_bucket, k_bucket, a_k_major, b_k_major, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVES: tl.constexpr, PRECISION: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
     """c (M, N) = act(a (M, K) @ b (K, N) + bias) with any strides; z and mask bits written per SAVES.
@@ -210,7 +213,8 @@ def _matmul(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, act: 
     saves = _MASK if mask is not None else _PREACT if z is not None else 0
     _matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)](
         a, b, out, bias, z, mask, m, n, k, cols, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), row_bytes, slope,
+        out.stride(0), out.stride(1), row_bytes, slope, *map(triton.next_power_of_2, (m, n, k)),
+        int(a.stride(1) == 1), int(b.stride(0) == 1),
         ACT=act, HAS_BIAS=bias is not None, SAVES=saves, PRECISION=precision, ACC=acc)
     return out
 

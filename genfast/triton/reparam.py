@@ -17,11 +17,15 @@ eps itself is always fp32):
                                                                              reads 2en, writes 8r (+ en).
   _kl_backward_kernel  grad_mu = g[r] mu, grad_logvar = 0.5 g[r] expm1(logvar).
                                                                              reads 2en + 8r, writes 2en.
-KL sums, the same bits whatever config the autotuner picks: a row is read in steps of WIDTH elements
+Configs by rule, no autotuning: these kernels are memory-bound, every config gives the same bits, and
+a first call under CUDA-graph capture (or at a new size) must not stop to time candidates: a sample
+program takes _SAMPLE_BLOCK groups, a row program the most rows (<= 128) whose tile of WIDTH-wide steps
+holds <= _MAX_TILE elements, with 8 warps for the largest tiles (registers), else 4.
+KL sums, the same bits whatever the config: a row is read in steps of WIDTH elements
 aligned to Philox groups (WIDTH depends on the row length only), lane l of the step accumulating its
 elements in row order in fp64, then the WIDTH lanes are added by a fixed pairwise tree of single adds.
-Neither BLOCK_R nor num_warps changes the order, so autotuning (whose pick can differ from one process to
-the next) cannot change the bits; tl.sum would reduce in an order that follows the layout. Terms are in
+Neither BLOCK_R nor num_warps changes the order, so the config cannot change the bits; tl.sum would
+reduce in an order that follows the layout. Terms are in
 the math type, the sum in fp64 and kl is fp64 for every input dtype (reparam.h says why). No atomics.
 expm1 is genfast.triton.losses._expm1: Kahan's (u - 1) x / log(u) for |x| < 0.5, where exp(x) - 1 would
 cancel; past 0.5, |exp(x) - 1| >= 1 - e^-0.5 = 0.39 and the subtraction loses less than a bit. It stays
@@ -31,7 +35,6 @@ accurate with the GPU's approximate fp32 exp, which Kahan's form corrects throug
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -41,28 +44,17 @@ from torch import Tensor
 from genfast.reference import KL_ROWS_DTYPE, new_rng_state
 from genfast.triton.losses import _expm1
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2_MAX_WIDTH = 7  # a row kernel's step covers at most 128 elements of a row (32 Philox groups)
 _MAX_TILE = 4096  # elements of a row kernel's (BLOCK_R, WIDTH) tile
+_MAX_ROWS = 128  # rows of a row kernel's program
+_SAMPLE_BLOCK, _SAMPLE_WARPS = 256, 4  # Philox groups (4 elements each) of a sample program; its warps
 
 
-def _sample_configs() -> list[triton.Config]:
-    # The interpreter can't time kernels (no device benchmarker): one config.
-    if _INTERPRETED:
-        return [triton.Config({"BLOCK": 256})]
-    return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((128, 4), (256, 4), (512, 8), (1024, 8))]
-
-
-def _row_configs() -> list[triton.Config]:
-    if _INTERPRETED:
-        return [triton.Config({"BLOCK_R": 8})]
-    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r, w in ((1, 4), (4, 4), (16, 4), (32, 8), (128, 8))]
-
-
-def _fit_tile(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The configs whose tile fits _MAX_TILE (short rows get many rows per program, long rows few)."""
-    width = 1 << {**named_args, **kwargs}["LOG2_WIDTH"]
-    return [c for c in configs if c.kwargs["BLOCK_R"] * width <= _MAX_TILE] or configs[:1]
+def _row_block(log2_width: int) -> tuple[int, int]:
+    """(rows per program, warps) of a row kernel whose steps are 2^log2_width wide: short rows get many
+    rows per program, long rows few; 8 warps where the tile is largest."""
+    rows = min(_MAX_ROWS, _MAX_TILE >> log2_width)
+    return rows, 8 if rows << log2_width >= _MAX_TILE else 4
 
 
 @triton.jit
@@ -105,7 +97,6 @@ def _z(mu, logvar, eps):
     return mu + tl.exp(0.5 * logvar) * eps
 
 
-@triton.autotune(configs=_sample_configs(), key=["n", "BACKWARD"])
 @triton.jit
 def _sample_kernel(a_ptr, lv_ptr, out_ptr, state_ptr, n, BACKWARD: tl.constexpr, ACC: tl.constexpr,
                    BLOCK: tl.constexpr):
@@ -124,8 +115,6 @@ def _sample_kernel(a_ptr, lv_ptr, out_ptr, state_ptr, n, BACKWARD: tl.constexpr,
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.autotune(configs=_row_configs(), key=["rows", "cols", "SAMPLE"],
-                 prune_configs_by={"early_config_prune": _fit_tile})
 @triton.jit
 def _kl_rows_kernel(mu_ptr, lv_ptr, z_ptr, kl_ptr, state_ptr, rows, cols, steps, SAMPLE: tl.constexpr,
                     ACC: tl.constexpr, LOG2_WIDTH: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -157,7 +146,6 @@ def _kl_rows_kernel(mu_ptr, lv_ptr, z_ptr, kl_ptr, state_ptr, rows, cols, steps,
     tl.store(kl_ptr + rows_here, kl.to(kl_ptr.dtype.element_ty), mask=rows_here < rows)
 
 
-@triton.autotune(configs=_row_configs(), key=["rows", "cols"], prune_configs_by={"early_config_prune": _fit_tile})
 @triton.jit
 def _kl_backward_kernel(g_ptr, mu_ptr, lv_ptr, gmu_ptr, glv_ptr, rows, cols, ACC: tl.constexpr,
                         LOG2_WIDTH: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -184,20 +172,19 @@ def _log2(power_of_two: int) -> int:
     return power_of_two.bit_length() - 1
 
 
-def _launch(kernel, programs, block: int | None, block_name: str, *args, **constants) -> None:
-    """kernel over programs(block size) programs: the autotuned config, or the raw kernel at `block`."""
-    if block is None:
-        kernel[lambda meta: (programs(meta[block_name]),)](*args, **constants)
-    else:
-        kernel.fn[(programs(block),)](*args, **constants, **{block_name: block})
+def _launch(kernel, programs, rule: tuple[int, int], block: int | None, block_name: str, *args,
+            **constants) -> None:
+    """kernel over programs(block size) programs, block size and warps by `rule`, or at `block` (tests)."""
+    size, warps = rule if block is None else (block, rule[1])
+    kernel[(programs(size),)](*args, **constants, **{block_name: size}, num_warps=warps)
 
 
 def _sample(a: Tensor, logvar: Tensor, rng_state: Tensor, backward: bool, block: int | None) -> Tensor:
     out = torch.empty_like(a)
     n = a.numel()
     if n:
-        _launch(_sample_kernel, lambda b: triton.cdiv(n, 4 * b), block, "BLOCK", a, logvar, out, rng_state, n,
-                BACKWARD=backward, ACC=_acc(a.dtype))
+        _launch(_sample_kernel, lambda b: triton.cdiv(n, 4 * b), (_SAMPLE_BLOCK, _SAMPLE_WARPS), block, "BLOCK", a,
+                logvar, out, rng_state, n, BACKWARD=backward, ACC=_acc(a.dtype))
     return out
 
 
@@ -210,9 +197,10 @@ def _kl_rows(mu: Tensor, logvar: Tensor, rng_state: Tensor | None, block: int | 
         # Groups a row can touch: rows start at phase (r cols) % 4, at most (4 - gcd(cols, 4)) % 4.
         groups = ((4 - math.gcd(cols, 4)) % 4 + cols - 1) // 4 + 1
         groups_w = min(triton.next_power_of_2(groups), 2**_LOG2_MAX_WIDTH // 4)
-        _launch(_kl_rows_kernel, lambda b: triton.cdiv(rows, b), block, "BLOCK_R", mu, logvar, z, kl, rng_state,
-                rows, cols, triton.cdiv(groups, groups_w), SAMPLE=rng_state is not None, ACC=_acc(mu.dtype),
-                LOG2_WIDTH=2 + _log2(groups_w))
+        log2_width = 2 + _log2(groups_w)
+        _launch(_kl_rows_kernel, lambda b: triton.cdiv(rows, b), _row_block(log2_width), block, "BLOCK_R", mu,
+                logvar, z, kl, rng_state, rows, cols, triton.cdiv(groups, groups_w), SAMPLE=rng_state is not None,
+                ACC=_acc(mu.dtype), LOG2_WIDTH=log2_width)
     return z, kl
 
 
@@ -221,7 +209,7 @@ def reparam_forward(mu: Tensor, logvar: Tensor, generator: torch.Generator | Non
     """z = mu + exp(0.5 logvar) eps in mu's dtype and the int64 (2,) rng_state (seed, offset) of eps.
 
     mu, logvar: contiguous, same shape, dtype (float16/bfloat16/float32/float64) and device. An empty mu
-    draws no seed: rng_state is zeros. block: groups per program instead of the autotuned one (tests).
+    draws no seed: rng_state is zeros. block: groups per program instead of the rule's (tests).
     """
     if mu.numel() == 0:
         return torch.empty_like(mu), torch.zeros(2, dtype=torch.int64, device=mu.device)
@@ -236,7 +224,7 @@ def reparam_backward(grad_z: Tensor, logvar: Tensor, rng_state: Tensor, *, block
 
 def kl_forward(mu: Tensor, logvar: Tensor, *, block: int | None = None) -> Tensor:
     """kl (rows,) float64 = 0.5 sum over the last axis of expm1(logvar) - logvar + mu^2; rows = the product
-    of the leading sizes. block: rows per program instead of the autotuned one (tests)."""
+    of the leading sizes. block: rows per program instead of the rule's (tests)."""
     return _kl_rows(mu, logvar, None, block)[1]
 
 
@@ -247,8 +235,8 @@ def kl_backward(grad_kl: Tensor, mu: Tensor, logvar: Tensor, *, block: int | Non
     cols, rows = mu.shape[-1], math.prod(mu.shape[:-1])
     if mu.numel():
         log2_width = min(_log2(triton.next_power_of_2(cols)), _LOG2_MAX_WIDTH)
-        _launch(_kl_backward_kernel, lambda b: triton.cdiv(rows, b), block, "BLOCK_R", grad_kl, mu, logvar, grad_mu,
-                grad_logvar, rows, cols, ACC=_acc(mu.dtype), LOG2_WIDTH=log2_width)
+        _launch(_kl_backward_kernel, lambda b: triton.cdiv(rows, b), _row_block(log2_width), block, "BLOCK_R",
+                grad_kl, mu, logvar, grad_mu, grad_logvar, rows, cols, ACC=_acc(mu.dtype), LOG2_WIDTH=log2_width)
     return grad_mu, grad_logvar
 
 
