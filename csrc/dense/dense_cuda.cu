@@ -13,6 +13,7 @@
 //   forward: e (MK + NK + N + MN) + (mask or e MN for z); the elementwise pass adds e 2MN (+ mask or e MN).
 //   backward: e MN (grad_y) + (mask, e MN or 0 for saved) + e MN (dz, not written when only the bias
 //   gradient is needed) + 4 min(M/64, 2^20/N) N (partial sums); then e (MN + NK + MK) per GEMM.
+#include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -115,13 +116,22 @@ bool lt_matmul(const at::Tensor& a, bool trans_a, const at::Tensor& b, bool tran
   LT_CHECK(cublasLtMatrixLayoutCreate(&layout_b.handle, type, a.size(1), a.size(0), a.size(1)));
   LT_CHECK(cublasLtMatrixLayoutCreate(&layout_c.handle, type, c.size(1), c.size(0), c.size(1)));
 
-  // fp32 accumulation throughout: split-K partial sums in the compute type, never in fp16/bf16.
+  // fp32 accumulation; split-K partial sums as ATen's own GEMMs (and the at::mm fallback) reduce them:
+  // in fp16/bf16 only where PyTorch's flag for the dtype allows it
+  // (torch.backends.cuda.matmul.allow_fp16/bf16_reduced_precision_reduction), else in the compute type.
   Preference pref;
   LT_CHECK(cublasLtMatmulPreferenceCreate(&pref.handle));
   set_preference(pref.handle, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                  uint64_t(at::cuda::getCUDABlasLtWorkspaceSize()));
-  set_preference(pref.handle, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-                 uint32_t(CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE));
+  const at::CuBLASReductionOption reduction = dtype == at::kHalf       ? at::globalContext().allowFP16ReductionCuBLAS()
+                                              : dtype == at::kBFloat16 ? at::globalContext().allowBF16ReductionCuBLAS()
+                                                                       : at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK;
+  if (reduction == at::CuBLASReductionOption::DisallowReducedPrecisionAllowSplitK) {
+    set_preference(pref.handle, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                   uint32_t(CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE));
+  } else if (reduction == at::CuBLASReductionOption::DisallowReducedPrecisionDisallowSplitK) {
+    set_preference(pref.handle, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, uint32_t(CUBLASLT_REDUCTION_SCHEME_NONE));
+  }
   set_preference(pref.handle, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(b.data_ptr()));
   set_preference(pref.handle, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment_of(a.data_ptr()));
   set_preference(pref.handle, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment_of(c.data_ptr()));
