@@ -8,6 +8,7 @@ pictures and loss curves.
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 import warnings
@@ -158,6 +159,12 @@ def join_processes(device: str | None) -> Processes:
         torch.cuda.set_device(chosen)
     owns = world > 1 and not dist.is_initialized()
     if owns:
+        # torch.distributed.nn.functional evaluates `group=group.WORLD` as a default argument when first
+        # imported, and DistributedDataParallel imports it (through torch._dynamo). Imported after the group
+        # exists, those defaults hold the group for good: destroy_process_group() then leaves gloo's threads
+        # running into interpreter shutdown, where they abort the process now and then ("terminate called
+        # without an active exception"). Imported first, the defaults are None.
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
     return Processes(rank, world, chosen, owns)
 

@@ -131,6 +131,34 @@ def test_two_processes_match_one_on_the_combined_batch(tmp_path):
     assert len(two["rng"]) == 2 and two["history"]["loss"] == pytest.approx(one["history"]["loss"], abs=1e-5)
 
 
+THREADS_AFTER_TRAINING = """
+import os, sys
+from genfast.train import train
+
+train("autoencoder", subset=32, batch_size=16, epochs=1, device="cpu", progress=False)
+others = sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")
+                if int(task) != os.getpid())
+print(f"rank {os.environ['RANK']} threads beside the main one after training: {others}")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
+def test_torchrun_leaves_no_gloo_thread_behind(tmp_path):
+    # torch.distributed.nn.functional takes group=group.WORLD as a default argument, evaluated at its first
+    # import, which DistributedDataParallel does. After the group was made, that kept the group alive past
+    # destroy_process_group(): gloo's threads ran on into interpreter shutdown, where they aborted a rank
+    # now and then ("terminate called without an active exception"). Every thread must be gone by the time
+    # train() returns.
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS_AFTER_TRAINING)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(command, cwd=ROOT, env={**CHILD_ENV, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} threads beside the main one after training: []" in done.stdout, done.stdout
+
+
 def test_gan_trains_under_torchrun(tmp_path):
     # The GAN's discriminator step leaves the generator unused: DDP must be told (find_unused_parameters).
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
