@@ -84,6 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
         last = "".join(f", {name} {values[-1]:.4f}" for name, values in result.history.items() if values)
         print(f"{args.model}: {result.epochs} epochs{last}, {result.samples_per_second:.0f} samples/s; "
               f"wrote {result.out}/")
+        if result.quality_report:
+            print(result.quality_report)
     return 0
 
 
