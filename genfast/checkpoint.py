@@ -126,8 +126,10 @@ def _tensors(value: object) -> bool:
 # What each entry of a checkpoint must be: the words for the message, and the test.
 LAYOUT = {
     "model": ("a dict of tensors", _tensors),
-    "optimizers": ("a list of optimizer states", lambda v: isinstance(v, list) and all(
-        isinstance(o, dict) and {"state", "param_groups"} <= o.keys() for o in v)),
+    "optimizers": ("a list of optimizer states", lambda v: isinstance(v, list) and len(v) > 0 and all(
+        isinstance(o, dict) and {"state", "param_groups"} <= o.keys() and isinstance(o["param_groups"], list)
+        and len(o["param_groups"]) > 0 and all(isinstance(g, dict) and "lr" in g for g in o["param_groups"])
+        for o in v)),
     "epoch": ("an integer >= 0", lambda v: isinstance(v, int) and v >= 0),
     "rng": ("a list of generator states", lambda v: isinstance(v, list) and all(
         isinstance(r, dict) and isinstance(r.get("cpu"), Tensor) for r in v)),

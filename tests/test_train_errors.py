@@ -18,7 +18,7 @@ pytest.importorskip("sklearn", reason="the digits data set comes with scikit-lea
 pytest.importorskip("matplotlib", reason="pictures and loss curves need matplotlib")
 
 from genfast import cli  # noqa: E402
-from genfast.checkpoint import CheckpointWriteError  # noqa: E402
+from genfast.checkpoint import CheckpointWriteError, save  # noqa: E402
 from genfast.data import load_digits  # noqa: E402
 from genfast.train import NonFiniteError, default_lr, train  # noqa: E402
 from tests.test_train import CHILD_ENV, ROOT, _one_thread, checkpoint  # noqa: E402, F401
@@ -72,6 +72,13 @@ def flip_a_weight_bit(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+def drop_the_optimizer_state(path: Path) -> None:
+    """A checkpoint with a valid checksum but no optimizer state (as a program other than genfast might write)."""
+    state = torch.load(path, weights_only=True)
+    del state["sha256"]
+    save(dict(state, optimizers=[]), path)
+
+
 CORRUPTIONS = {
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "not a readable checkpoint"),
     "empty": (lambda p: p.write_bytes(b""), "the file is empty"),
@@ -79,6 +86,7 @@ CORRUPTIONS = {
                      "not a readable checkpoint"),
     "{}": (lambda p: torch.save({}, p), "expected a checkpoint of genfast train"),
     "a flipped bit": (flip_a_weight_bit, "checksum mismatch"),
+    "no optimizer state": (drop_the_optimizer_state, "optimizers should be a list of optimizer states"),
 }
 
 
