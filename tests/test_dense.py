@@ -286,7 +286,7 @@ def test_eager_path_and_custom_op_agree_bit_for_bit(backend, act):
 @pytest.mark.parametrize("n_out", [1, 7, 100, 128, 129, 784])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gpu_mask_bytes_equal_the_cpu_backend(backend, n_out, bias):
-    """cuBLASLt's RELU_AUX bit order, the z > 0 convention and the zero padding, byte for byte."""
+    """The bit order, the mask rule and the zero padding of the GPU kernels, byte for byte."""
     require_backend(backend, "cuda")
     require_backend("cpu", "cpu")
     # Small integers: z is exact in fp32 on every backend, so the masks must be identical.

@@ -1,11 +1,13 @@
 // CUDA backend of the fused dense layer (contract in dense.h).
 //
 // Forward, z = x @ weight^T + bias (fp32 accumulation, z rounded once to the dtype):
-//   y = act(z); aux = mask bits [z > 0] (relu, leaky_relu), z (gelu, gelu_tanh, silu) or nothing.
+//   y = act(z); aux = mask bits mask_bit(act, z) (relu, leaky_relu), z (gelu, gelu_tanh, silu) or nothing.
 //   One cuBLASLt GEMM computes y^T = W x^T in column-major terms, which is y (M, N) row-major. Its
-//   epilogue adds the bias and, where cuBLASLt has the activation, applies it: RELU_AUX(_BIAS) writes
-//   the mask, GELU_AUX(_BIAS) (the tanh approximation; half/bfloat16) writes z. Every other case, and
-//   any shape cuBLASLt has no algorithm for (then ATen's GEMM), gets one elementwise pass over z.
+//   epilogue adds the bias, and for the tanh GELU in half/bfloat16 applies it too (GELU_AUX(_BIAS)
+//   writes z). Every other case, and any shape cuBLASLt has no algorithm for (then ATen's GEMM), gets
+//   one elementwise pass over z. Not relu's RELU_AUX epilogue: it computes max(z, 0), which turns NaN
+//   into 0 where torch.relu keeps it, and its documentation does not say which bit it sets at z == 0
+//   or NaN; genfast's own mask pass costs relu what it costs leaky_relu, e (2MN) bytes more.
 // Backward: dz = grad_y * act'(saved); grad_x = dz @ W; grad_weight = dz^T @ x; grad_bias = sum_i dz[i, :].
 //   One pass computes dz and column sums per fixed block of rows; a small kernel adds those sums in a
 //   fixed order (deterministic, no float atomics). The two GEMMs are plain cuBLASLt calls.
@@ -187,17 +189,6 @@ __global__ void mask_activation_kernel(scalar_t* zy, uint8_t* mask, int64_t m, i
   }
 }
 
-// Zeroes the bits past feature n - 1 in each mask row: the layout defines them as 0, and cuBLASLt's
-// documentation does not say what RELU_AUX writes there.
-__global__ void clear_mask_padding_kernel(uint8_t* mask, int64_t m, int64_t n, int64_t row_bytes) {
-  const int64_t first = n / 8, per_row = row_bytes - first;  // bytes from the one holding feature n
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < m * per_row;
-       t += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t byte = first + t % per_row, valid = n - byte * 8;  // valid < 8 here
-    mask[(t / per_row) * row_bytes + byte] &= static_cast<uint8_t>(valid > 0 ? (1u << valid) - 1u : 0u);
-  }
-}
-
 void forward_epilogue(at::Tensor& z, at::Tensor& y, at::Tensor& aux, Act act, double slope) {
   const int64_t m = z.size(0), n = z.size(1);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -352,25 +343,11 @@ std::vector<at::Tensor> dense_forward_cuda(const at::Tensor& x, const at::Tensor
   if (m == 0 || n == 0) return {y, aux};
   const void* bias_ptr = b.defined() ? b.data_ptr() : nullptr;
 
-  // cuBLASLt's own activation epilogues: relu with its bit mask (ld in bits, a multiple of 128: our
-  // row of mask_row_bytes(n) bytes) and the tanh GELU with z (ld in elements, a multiple of 8). The
-  // GELU only for half/bfloat16: its tanh may be a fast approximation, hidden there by the output's
-  // rounding but not in fp32.
-  const bool lt_gelu = a == Act::GeluTanh && n % 8 == 0 && x.scalar_type() != at::kFloat;
-  if (a == Act::Relu || lt_gelu) {
-    const bool relu = a == Act::Relu;
-    const cublasLtEpilogue_t epilogue =
-        relu ? (b.defined() ? CUBLASLT_EPILOGUE_RELU_AUX_BIAS : CUBLASLT_EPILOGUE_RELU_AUX)
-             : (b.defined() ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX);
-    if (lt_matmul(x, false, weight, true, y, epilogue, bias_ptr, aux.data_ptr(), relu ? aux.size(1) * 8 : n)) {
-      if (relu && n % 128 != 0) {
-        const int64_t per_row = aux.size(1) - n / 8;
-        clear_mask_padding_kernel<<<grid_for(m * per_row), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            aux.data_ptr<uint8_t>(), m, n, aux.size(1));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      return {y, aux};
-    }
+  // cuBLASLt's tanh GELU epilogue writes z too (ld in elements, a multiple of 8). Only for half/bfloat16:
+  // its tanh may be a fast approximation, hidden there by the output's rounding but not in fp32.
+  if (a == Act::GeluTanh && n % 8 == 0 && x.scalar_type() != at::kFloat) {
+    const cublasLtEpilogue_t epilogue = b.defined() ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+    if (lt_matmul(x, false, weight, true, y, epilogue, bias_ptr, aux.data_ptr(), n)) return {y, aux};
   }
   // z = x W^T + b where backward wants it (aux for Preact), else straight into y; then one pass.
   at::Tensor z = saves == Saves::Preact ? aux : y;
