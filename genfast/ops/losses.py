@@ -112,7 +112,7 @@ class _EagerElbo(torch.autograd.Function):
     backward = staticmethod(_elbo_backward)
 
 
-def _check_elbo_inputs(recon, target, mu, logvar, beta) -> None:
+def _check_elbo_inputs(recon, target, mu, logvar) -> None:
     """Clear errors naming the argument before any kernel runs."""
     for name, t in (("recon", recon), ("mu", mu), ("logvar", logvar)):
         check_tensor(name, t)
@@ -182,7 +182,7 @@ def elbo_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: f
         the loss in recon's dtype (computed in fp32), or (loss, recon_term, kl_term). The terms are
         differentiable too.
     """
-    _check_elbo_inputs(recon, target, mu, logvar, beta)
+    _check_elbo_inputs(recon, target, mu, logvar)
     beta = _number("beta", beta)
     kind = code_of(RECON_LOSSES, recon_loss, "recon_loss")
     red = _check_reduction(reduction, recon.shape[0], "batch")
