@@ -8,6 +8,7 @@ from pathlib import Path
 from statistics import geometric_mean
 from typing import NamedTuple
 
+from benchmarks import gpu_check
 from benchmarks.environment import slug
 from benchmarks.plot import plot_family
 
@@ -93,10 +94,15 @@ def _provenance(header: dict) -> str:
     build = header["genfast"]
     load = ", ".join(f"{when} {'/'.join(f'{v:.1f}' for v in values)}"
                      for when, values in header["load_average"].items())
+    settings = header["settings"]
+    # A quick or time-limited run says so wherever its numbers appear.
+    scope = (", quick run (few shapes and repeats)" if settings.get("quick") else "") + (
+        f", {len(settings['not_run'])} case(s) not run: the {settings['time_budget_s']:g} s time budget ran out"
+        if settings.get("not_run") else "")
     return (f"commit {commit}, {header['date']}, {header['device']}, driver {header['driver'] or 'n/a'}, "
             f"torch {header['torch']}, triton {header['triton'] or 'n/a'}, CUDA {header['cuda'] or 'n/a'}, "
             f"genfast {build['version']} (backends {', '.join(build['backends'])}), "
-            f"{header['threads']} threads, load average (1/5/15 min) {load}")
+            f"{header['threads']} threads, load average (1/5/15 min) {load}{scope}")
 
 
 def _contenders(rows: list[dict]) -> list[str]:
@@ -121,6 +127,8 @@ def markdown(header: dict, rows: list[dict], plots: dict[str, str] | None = None
              _METHOD.format(clock="CUDA events" if on_gpu else "time.perf_counter per call",
                             rounds=header["settings"]["timing"]["rounds"]), "",
              *_case_table(rows, on_gpu)]
+    if "gpu_check" in header:  # the `make gpu-check` run these results came from: did every step pass?
+        lines += ["", "## gpu-check", "", *gpu_check.summary_lines(header["gpu_check"])]
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -18,11 +19,16 @@ from benchmarks.cases import FAMILIES
 
 
 def run(device: str | None = None, cases: Sequence[str] = tuple(FAMILIES), quick: bool = False,
-        out: str | os.PathLike = "benchmarks/results", flush_l2: bool = False) -> Path:
+        out: str | os.PathLike = "benchmarks/results", flush_l2: bool = False,
+        time_budget: float | None = None) -> Path:
     """Benchmark the families `cases` on `device`; write <out>/<device>.json/.md/-<family>.png; return the JSON path.
+
+    With `time_budget` (seconds), no case starts once that much time has passed since the call: the cases
+    left out are listed in the results (``settings.not_run``), and if none ran nothing is written.
 
     Example: ``benchmarks.run(device="cpu", cases=["dense"], quick=True, out="/tmp/bench")``.
     """
+    start = time.monotonic()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     unknown = sorted(set(cases) - set(FAMILIES))
     if unknown:
@@ -34,13 +40,19 @@ def run(device: str | None = None, cases: Sequence[str] = tuple(FAMILIES), quick
     rates = _matmul_rates(dev, {case.dtype for _, case in selected if case.flops}, config)
     bandwidth = _bandwidth(dev, any(hasattr(case, "bytes") for _, case in selected), config)
     settings = {"quick": quick, "flush_l2": flush_l2, "timing": dataclasses.asdict(config),
-                "matmul_flops_per_s": rates, "copy_bytes_per_s": bandwidth}
+                "matmul_flops_per_s": rates, "copy_bytes_per_s": bandwidth, "time_budget_s": time_budget}
     header = environment.header(dev, settings)  # before the run: the commit and build that it timed
-    rows = []
+    rows, not_run = [], []
     progress = tqdm(selected, desc=f"benchmarks ({dev.type})", unit="case")
     for family, case in progress:
+        if time_budget is not None and time.monotonic() - start > time_budget:
+            not_run.append(case.name)  # `make gpu-check` must end in time: a shorter, honest report
+            continue
         progress.set_postfix_str(case.name)
         rows.append(_row(family, case, dev, config, flush_l2, rates, bandwidth))
+    if not_run and not rows:
+        raise RuntimeError(f"time_budget: {time_budget} s ran out before the first case; nothing written")
+    settings["not_run"] = not_run
     header["load_average"] = {"start": header["load_average"], "end": os.getloadavg()}
     # A run of some families only gets its own files, leaving the whole suite's results in place.
     suffix = "" if set(cases) == set(FAMILIES) else "-" + "-".join(sorted(set(cases)))
