@@ -29,6 +29,10 @@ class Term(NamedTuple):
     param: float
 
 
+NO_TERM = Term(TERMS["linear"], 0.0)
+"""The second term of a generator loss, over an empty tensor (the cheapest term to compile)."""
+
+
 class GanKind(NamedTuple):
     real: Term  # for real_label_smoothing s, a target p of 1 becomes 1 - s
     fake: Term

@@ -1,8 +1,11 @@
 """What compiled Triton does differently from the interpreter the other tests run it under.
 
-Float kernel arguments: a Python float becomes an fp32 ``.param`` of the compiled kernel unless the
-parameter is declared ``tl.float64`` (the interpreter keeps the Python float, so only compiling shows
-it): slopes, loss weights and scales would be rounded to fp32 before fp64 math.
+Every kernel variant genfast can launch (each autotune config, dtype, activation, saved state, flag and
+the argument specialization of aligned and odd sizes) is compiled for sm_80 and sm_90 with no GPU
+(tests/triton_targets.py) and checked: it compiles, fits the target's shared memory, spills no register
+(cuobjdump's resource usage of the cubin), and takes no fp32 float argument (a Python float becomes an
+fp32 ``.param`` unless declared ``tl.float64``; the interpreter keeps the Python float). Kernels use
+accurate exp/log/sin/cos when compiled (genfast.triton._math), and autotuning keys are size buckets.
 """
 
 from __future__ import annotations
@@ -64,47 +67,6 @@ def test_every_float_argument_of_a_triton_kernel_is_declared_fp64(monkeypatch):
     assert not undeclared, f"float arguments compiled as fp32: {undeclared}"
 
 
-# Compiling needs real JIT functions: a fresh interpreter without TRITON_INTERPRET, one per test.
-_COMPILE_SLOPE = """
-import inspect, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import KernelParam
-import genfast
-from genfast.triton import dense
-
-capability, dtype = int(sys.argv[1]), sys.argv[2]
-acc = triton.language.float64 if dtype == "fp64" else triton.language.float32
-consts = {"ACT": genfast.ACTIVATIONS["leaky_relu"].code, "HAS_BIAS": True, "SAVES": 1, "PRECISION": "ieee",
-          "ACC": acc, "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}
-fn = dense._matmul_kernel.fn  # the autotuner's kernel
-signature = {}
-for i, p in enumerate(inspect.signature(fn.fn).parameters.values()):
-    if p.name in consts:
-        signature[p.name] = "constexpr"
-    elif p.name.endswith("_ptr"):
-        signature[p.name] = "*u8" if p.name == "mask_ptr" else "*" + dtype
-    else:  # what the launcher passes: the declared type, else an int argument's i32
-        signature[p.name] = KernelParam(i, p, False, False).annotation_type or "i32"
-source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-ptx = triton.compile(source, target=GPUTarget("cuda", capability, 64)).asm["ptx"]
-slope = fn.arg_names.index("slope")
-print([line.strip() for line in ptx.splitlines() if ".param" in line and line.rstrip(",").endswith(f"_param_{slope}")])
-"""
-
-
-@pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
-def test_leaky_relu_slope_is_an_fp64_parameter_of_the_compiled_kernel(capability, dtype):
-    """Compiled for a real target with no GPU: the PTX declares the slope .f64 (it was .f32)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SLOPE, str(capability), dtype], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert ".param .f64" in result.stdout, result.stdout
-
-
 def test_no_kernel_times_configs_again_for_a_new_batch_size_in_its_bucket():
     """Autotuning keys are power-of-two buckets of the sizes, never the exact sizes (a new batch or sequence
     length would time every config again, and fail if first seen inside CUDA-graph capture); the
@@ -116,4 +78,93 @@ def test_no_kernel_times_configs_again_for_a_new_batch_size_in_its_bucket():
     tuned = {f"{module.__name__}.{name}": kernel for module in (dense, losses, reparam)
              for name, kernel in vars(module).items() if isinstance(kernel, Autotuner)}
     assert set(tuned) == {"genfast.triton.dense._matmul_kernel"}, sorted(tuned)
-    assert all(key.endswith(("_bucket", "_k_major")) for key in dense._matmul_kernel.keys), dense._matmul_kernel.keys
+    assert all(key.endswith(("_bucket", "_k_major")) or key == "PRECISION" for key in dense._matmul_kernel.keys), \
+        dense._matmul_kernel.keys
+
+
+# Every variant, compiled for the real targets by tests/triton_targets.py: one process per target, side by
+# side (this machine has 2 cores). A cold Triton cache takes minutes, a warm one seconds.
+_TARGETS = (80, 90)
+# Kernels allowed a stack, up to how many bytes and registers, and why. Nothing else may spill or keep
+# arrays in local memory.
+_MICRO_SPILL = ("ptxas parks one 64-bit value in an 8-byte stack slot, stored and loaded once per program, at "
+                "32 to 64 registers of the 255 it may use: its own scheduling choice, not register pressure")
+_STACK_ALLOWED: dict[str, tuple[int, int, str]] = {
+    "_gan_kernel": (8, 64, _MICRO_SPILL),  # fp64 square/linear terms; sm_80 and sm_90
+    "_dz_kernel": (8, 64, _MICRO_SPILL),  # relu, fp32, odd N, sm_80
+}
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    import json
+
+    from tests.triton_targets import MAX_SHARED
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    workers = {capability: subprocess.Popen([sys.executable, "-m", "tests.triton_targets", str(capability)],
+                                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for capability in _TARGETS}
+    records = []
+    for capability, worker in workers.items():
+        out, err = worker.communicate(timeout=1200)
+        assert worker.returncode == 0, f"sm_{capability}: {err[-4000:]}"
+        records += [json.loads(line) for line in out.splitlines()]
+    for record in records:
+        record["max_shared"] = MAX_SHARED[record["capability"]]
+    return records
+
+
+def _variant(record: dict) -> str:
+    return f"{record['kernel']} {record['specialization']} {sorted(record['constants'].items())}"
+
+
+def test_every_triton_variant_compiles_for_sm80_and_sm90(compiled):
+    kernels = {"_matmul_kernel", "_dz_kernel", "_sample_kernel", "_kl_rows_kernel", "_kl_backward_kernel",
+               "_elbo_row_kernel", "_gan_kernel", "_finish_kernel"}
+    by_target = {c: {_variant(r) for r in compiled if r["capability"] == c} for c in _TARGETS}
+    assert {r["kernel"] for r in compiled} == kernels
+    assert by_target[80] == by_target[90], by_target[80] ^ by_target[90]
+    seconds = sum(r["seconds"] for r in compiled)
+    print(f"{len(compiled)} kernels compiled ({len(by_target[90])} variants per target), {seconds:.0f} s of compiling")
+
+
+def test_every_triton_variant_fits_the_shared_memory_of_its_target(compiled):
+    too_big = [f"sm_{r['capability']}: {_variant(r)} needs {r['shared']} B (max {r['max_shared']})"
+               for r in compiled if r["shared"] > r["max_shared"]]
+    assert not too_big, "\n".join(too_big)
+
+
+def test_no_compiled_triton_kernel_takes_an_fp32_float_argument(compiled):
+    """The PTX declares every float argument .f64 (a Python float undeclared would be .param .f32)."""
+    fp32 = sorted({_variant(r) for r in compiled if r["fp32_params"]})
+    assert not fp32, "\n".join(fp32)
+
+
+def _allowed(record: dict) -> bool:
+    stack, registers, _ = _STACK_ALLOWED.get(record["kernel"], (0, 0, ""))
+    return record["local"] == 0 and (record["stack"] == 0 or record["stack"] <= stack and record["reg"] <= registers)
+
+
+def test_no_triton_variant_spills_or_uses_local_memory(compiled):
+    spills = [f"sm_{r['capability']}: {_variant(r)}: {r['reg']} registers, stack {r['stack']} B, local {r['local']} B"
+              for r in compiled if not _allowed(r)]
+    assert not spills, "\n".join(spills)
+
+
+def test_kernels_take_exp_log_sin_cos_from_the_accurate_helpers():
+    """Compiled, tl.exp/tl.log/tl.sin/tl.cos (and tl.sigmoid, built on tl.exp) are the approximate
+    instructions, ~1e-5 off at exp(150): kernels call genfast.triton._math's, libdevice's when compiled."""
+    import ast
+    from pathlib import Path
+
+    approximate = {"exp", "exp2", "log", "log2", "sin", "cos", "sigmoid", "sqrt", "rsqrt", "erf"}
+    calls = []
+    for path in sorted((Path(genfast.__file__).parent / "triton").glob("*.py")):
+        if path.name == "_math.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in approximate
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "tl"):
+                calls.append(f"{path.name}:{node.lineno} tl.{node.func.attr}")
+    assert not calls, calls

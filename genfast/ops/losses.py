@@ -17,6 +17,7 @@ from torch import Tensor
 from genfast import backend, reference
 from genfast.loss_terms import (
     GAN_KINDS,
+    NO_TERM,
     RECON_LOSSES,
     REDUCTIONS,
     UINT8_TARGET_SCALE,
@@ -318,7 +319,7 @@ def generator_loss(fake_logits: Tensor, kind: str = "nonsaturating", reduction: 
     _check_reduction(reduction, fake_logits.numel(), "batch")
     if _route.plain_math(fake_logits):
         return reference.generator_loss(fake_logits, kind, reduction)
-    return _gan_loss(fake_logits, None, (GAN_KINDS[kind].generator, Term(0, 0.0)), reduction)
+    return _gan_loss(fake_logits, None, (GAN_KINDS[kind].generator, NO_TERM), reduction)
 
 
 # ---------------------------------------------------------------------------------------------------

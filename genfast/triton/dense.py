@@ -11,8 +11,9 @@ e(MK + NK + N + MN), plus B mask bytes or e*MN for z; the epilogue adds no pass 
 grad_y and saved (B or e*MN) and writes dz (e*MN, skipped for "none"), then the GEMMs read dz, weight
 and x and write grad_x (e*MK) and grad_weight (e*NK).
 GEMMs accumulate in fp32 (fp64 for fp64 inputs); fp32 inputs use TF32 when
-torch.backends.cuda.matmul.allow_tf32 is set, IEEE fp32 otherwise. Without libdevice, erf and tanh
-are fp32-accurate approximations (relative error ~1e-7), also for fp64 inputs.
+torch.backends.cuda.matmul.allow_tf32 is set, IEEE fp32 otherwise. erf and tanh are written from exp (one code path for the
+interpreter, which has no libdevice): fp32-accurate (relative error ~1e-7), also for fp64 inputs.
+exp, log and sigmoid are genfast.triton._math's (accurate when compiled, unlike tl.exp).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from genfast.activations import ACTIVATIONS
 from genfast.reference import mask_row_bytes
-from genfast.triton._math import math_scalar
+from genfast.triton._math import exp, math_scalar, sigmoid
 
 # Globals read inside kernels must be tl.constexpr for the compiler.
 NONE, RELU, LEAKY_RELU, GELU, GELU_TANH, SILU, SIGMOID, TANH = (
@@ -39,14 +40,49 @@ _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # (the interpreter needs constexprs right of tensors)
 
 
+# Tiles by operand kind: tensor-core MMA (fp16, bf16, tf32), IEEE fp32 (FMA) and fp64 (DMMA). At most 64
+# accumulator registers a thread (BLOCK_M * BLOCK_N / (32 * num_warps), twice that for fp64), so an
+# epilogue that holds z and y at once still fits in 255 registers: 128-register tiles spill there. fp64
+# tiles are small enough for sm_80's 163 KB of shared memory at 3 stages. tests/test_triton_compiled.py
+# compiles each for sm_80 and sm_90 and checks both. Operands with a size or stride not divisible by 16
+# (loads that cannot be vectorized or copied asynchronously) spilled at those tiles: they take one small
+# tile, by rule.
+_TILES = {
+    "mma": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
+    "ieee": [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)],  # FMA: operands in registers too
+    "fp64": [(64, 64, 16, 8, 3), (32, 64, 16, 4, 3)],
+    "unaligned": [(64, 64, 16, 4, 3)],
+}
+
+
+def _config(tile: tuple[int, int, int, int, int]) -> triton.Config:
+    m, n, k, warps, stages = tile
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+
+
+def _operand_kind(args: dict, precision: str) -> str:
+    dtype = args["a_ptr"].dtype
+    if dtype == torch.float64:
+        return "fp64"
+    sizes = ("K", "N", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn")
+    if any(args[name] % 16 and args[name] != 1 for name in sizes):
+        return "unaligned"
+    return "ieee" if dtype == torch.float32 and precision == "ieee" else "mma"
+
+
 def _configs() -> list[triton.Config]:
     # The interpreter can't time kernels (no device benchmarker): one config, small tiles.
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8})]
-    shapes = [(128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
-              (64, 64, 64, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+    return list(dict.fromkeys(_config(tile) for tiles in _TILES.values() for tile in tiles))
+
+
+def _configs_for_operands(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The autotuner's candidates for this launch: the tiles of its operand kind."""
+    if len(configs) == 1:  # the interpreter's
+        return configs
+    tiles = {_config(tile) for tile in _TILES[_operand_kind(named_args, kwargs["PRECISION"])]}
+    return [config for config in configs if config in tiles]
 
 
 @triton.jit
@@ -55,7 +91,7 @@ def _tanh(x):
     x2 = x * x
     poly = ((((-5.70498872745e-3 * x2 + 2.06390887954e-2) * x2 - 5.37397155531e-2) * x2
              + 1.33314422036e-1) * x2 - 3.33332819422e-1) * x2 * x + x
-    return tl.where(tl.abs(x) < 0.625, poly, 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+    return tl.where(tl.abs(x) < 0.625, poly, 1.0 - 2.0 / (exp(2.0 * x) + 1.0))
 
 
 @triton.jit
@@ -66,7 +102,7 @@ def _normal_cdf(z):
     t = 1.0 / (1.0 + 0.5 * a)
     p = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * (
         0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
-    half_erfc = 0.5 * t * tl.exp(p - a * a)
+    half_erfc = 0.5 * t * exp(p - a * a)
     return tl.where(z > 0, 1.0 - half_erfc, half_erfc)
 
 
@@ -81,9 +117,9 @@ def _act_forward(z, slope, ACT: tl.constexpr):
     elif ACT == GELU_TANH:
         return 0.5 * z * (1.0 + _tanh((z + 0.044715 * z * z * z) * _SQRT_2_OVER_PI))
     elif ACT == SILU:
-        return z * tl.sigmoid(z)
+        return z * sigmoid(z)
     elif ACT == SIGMOID:
-        return tl.sigmoid(z)
+        return sigmoid(z)
     elif ACT == TANH:
         return _tanh(z)
     else:
@@ -94,12 +130,12 @@ def _act_forward(z, slope, ACT: tl.constexpr):
 def _act_derivative(s, ACT: tl.constexpr):
     """dy/dz from s = z (gelu, gelu_tanh, silu) or s = y (sigmoid, tanh)."""
     if ACT == GELU:
-        return _normal_cdf(s) + s * tl.exp(-0.5 * s * s) * _INV_SQRT_2PI
+        return _normal_cdf(s) + s * exp(-0.5 * s * s) * _INV_SQRT_2PI
     elif ACT == GELU_TANH:
         t = _tanh((s + 0.044715 * s * s * s) * _SQRT_2_OVER_PI)
         return 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * s * s)
     elif ACT == SILU:
-        sig = tl.sigmoid(s)
+        sig = sigmoid(s)
         return sig * (1.0 + s * (1.0 - sig))
     elif ACT == SIGMOID:
         return s * (1.0 - s)
@@ -107,14 +143,18 @@ def _act_derivative(s, ACT: tl.constexpr):
         return 1.0 - s * s
 
 
-# Tuned per power-of-two bucket of each size and per operand layout (the *_bucket / *_k_major arguments,
-# read by the autotuner only): a new batch size within a bucket neither times configs again nor, first
-# seen inside CUDA-graph capture, fails there.
-@triton.autotune(configs=_configs(), key=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major"])
-@triton.jit
+# Tuned per power-of-two bucket of each size, per operand layout (the *_bucket / *_k_major arguments, read
+# by the autotuner only) and per precision (the dtypes are part of every key): a new batch size within a
+# bucket neither times configs again nor, first seen inside CUDA-graph capture, fails there.
+@triton.autotune(configs=_configs(), key=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _configs_for_operands})
+# The tuning keys and the bias flag are plain values, not specialized (Triton would compile a variant per
+# value equal to 1 or divisible by 16): the bias is one uniform branch of the epilogue.
+@triton.jit(do_not_specialize=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major", "has_bias"])
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_grid, stride_am, stride_ak,
                    stride_bk, stride_bn, stride_cm, stride_cn, row_bytes, slope: tl.float64,
-                   m_bucket, n_bucket, k_bucket, a_k_major, b_k_major, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVES: tl.constexpr, PRECISION: tl.constexpr,
+                   m_bucket, n_bucket, k_bucket, a_k_major, b_k_major, has_bias, ACT: tl.constexpr,
+                   SAVES: tl.constexpr, PRECISION: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
     """c (M, N) = act(a (M, K) @ b (K, N) + bias) with any strides; z and mask bits written per SAVES.
@@ -144,8 +184,9 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_gr
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(ACC)
+    # The bias as a masked load, not a branch: without one nothing is read and 0 added, and acc is never
+    # held twice across a branch (which made tf32 tiles spill).
+    acc += tl.load(bias_ptr + cols, mask=(cols < N) & (has_bias != 0), other=0.0).to(ACC)[None, :]
     inside = (rows[:, None] < M) & (cols[None, :] < N)
     offsets = rows[:, None] * stride_cm + cols[None, :] * stride_cn
     y = _act_forward(acc, math_scalar(slope, ACC), ACT)
@@ -212,10 +253,10 @@ def _matmul(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, act: 
     acc = tl.float64 if a.dtype == torch.float64 else tl.float32
     saves = _MASK if mask is not None else _PREACT if z is not None else 0
     _matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)](
-        a, b, out, bias, z, mask, m, n, k, cols, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        a, b, out, out if bias is None else bias, z, mask, m, n, k, cols, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), row_bytes, slope, *map(triton.next_power_of_2, (m, n, k)),
-        int(a.stride(1) == 1), int(b.stride(0) == 1),
-        ACT=act, HAS_BIAS=bias is not None, SAVES=saves, PRECISION=precision, ACC=acc)
+        int(a.stride(1) == 1), int(b.stride(0) == 1), int(bias is not None),
+        ACT=act, SAVES=saves, PRECISION=precision, ACC=acc)
     return out
 
 

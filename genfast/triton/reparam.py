@@ -20,7 +20,8 @@ eps itself is always fp32):
 Configs by rule, no autotuning: these kernels are memory-bound, every config gives the same bits, and
 a first call under CUDA-graph capture (or at a new size) must not stop to time candidates: a sample
 program takes _SAMPLE_BLOCK groups, a row program the most rows (<= 128) whose tile of WIDTH-wide steps
-holds <= _MAX_TILE elements, with 8 warps for the largest tiles (registers), else 4.
+holds <= _MAX_TILE elements (a quarter of that for fp64), with 8 warps for the largest tiles
+(registers), else 4.
 KL sums, the same bits whatever the config: a row is read in steps of WIDTH elements
 aligned to Philox groups (WIDTH depends on the row length only), lane l of the step accumulating its
 elements in row order in fp64, then the WIDTH lanes are added by a fixed pairwise tree of single adds.
@@ -28,8 +29,8 @@ Neither BLOCK_R nor num_warps changes the order, so the config cannot change the
 reduce in an order that follows the layout. Terms are in
 the math type, the sum in fp64 and kl is fp64 for every input dtype (reparam.h says why). No atomics.
 expm1 is genfast.triton.losses._expm1: Kahan's (u - 1) x / log(u) for |x| < 0.5, where exp(x) - 1 would
-cancel; past 0.5, |exp(x) - 1| >= 1 - e^-0.5 = 0.39 and the subtraction loses less than a bit. It stays
-accurate with the GPU's approximate fp32 exp, which Kahan's form corrects through the log.
+cancel; past 0.5, |exp(x) - 1| >= 1 - e^-0.5 = 0.39 and the subtraction loses less than a bit. exp, log,
+sinpi and cospi are genfast.triton._math's: CUDA's own (libdevice) when compiled, so eps has the CUDA kernel's values.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from genfast.reference import KL_ROWS_DTYPE, new_rng_state
+from genfast.triton._math import cospi, exp, log, sinpi
 from genfast.triton.losses import _expm1
 
 _LOG2_MAX_WIDTH = 7  # a row kernel's step covers at most 128 elements of a row (32 Philox groups)
@@ -50,11 +52,13 @@ _MAX_ROWS = 128  # rows of a row kernel's program
 _SAMPLE_BLOCK, _SAMPLE_WARPS = 256, 4  # Philox groups (4 elements each) of a sample program; its warps
 
 
-def _row_block(log2_width: int) -> tuple[int, int]:
+def _row_block(log2_width: int, dtype: torch.dtype) -> tuple[int, int]:
     """(rows per program, warps) of a row kernel whose steps are 2^log2_width wide: short rows get many
-    rows per program, long rows few; 8 warps where the tile is largest."""
-    rows = min(_MAX_ROWS, _MAX_TILE >> log2_width)
-    return rows, 8 if rows << log2_width >= _MAX_TILE else 4
+    rows per program, long rows few; 8 warps where the tile is largest. fp64 tiles are a quarter of the
+    size (fp64 math at _MAX_TILE spilled registers)."""
+    max_tile = _MAX_TILE // 4 if dtype == torch.float64 else _MAX_TILE
+    rows = min(_MAX_ROWS, max_tile >> log2_width)
+    return rows, 8 if rows << log2_width >= max_tile else 4
 
 
 @triton.jit
@@ -65,9 +69,9 @@ def _uniform(bits):
 
 @triton.jit
 def _box_muller(radius_u, angle_u):
-    radius = tl.sqrt_rn(-2.0 * tl.log(radius_u))  # sqrt_rn: tl.sqrt may be approximate on the GPU
-    angle = 6.283185307179586 * angle_u
-    return radius * tl.cos(angle), radius * tl.sin(angle)
+    radius = tl.sqrt_rn(-2.0 * log(radius_u))  # sqrt_rn: tl.sqrt may be approximate on the GPU
+    half_turns = 2.0 * angle_u  # cos(2 pi u) = cospi(2 u): an exact argument, as in csrc/common/philox.h
+    return radius * cospi(half_turns), radius * sinpi(half_turns)
 
 
 @triton.jit
@@ -94,7 +98,7 @@ def _normals(state_ptr, groups):
 @triton.jit
 def _z(mu, logvar, eps):
     """The sample; one expression for both kernels that draw z, so both compile it alike (FMA or not)."""
-    return mu + tl.exp(0.5 * logvar) * eps
+    return mu + exp(0.5 * logvar) * eps
 
 
 @triton.jit
@@ -109,7 +113,7 @@ def _sample_kernel(a_ptr, lv_ptr, out_ptr, state_ptr, n, BACKWARD: tl.constexpr,
     a = tl.load(a_ptr + offs, mask=inside, other=0.0).to(ACC)
     lv = tl.load(lv_ptr + offs, mask=inside, other=0.0).to(ACC)
     if BACKWARD:
-        out = 0.5 * a * eps * tl.exp(0.5 * lv)
+        out = 0.5 * a * eps * exp(0.5 * lv)
     else:
         out = _z(a, lv, eps)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
@@ -198,9 +202,9 @@ def _kl_rows(mu: Tensor, logvar: Tensor, rng_state: Tensor | None, block: int | 
         groups = ((4 - math.gcd(cols, 4)) % 4 + cols - 1) // 4 + 1
         groups_w = min(triton.next_power_of_2(groups), 2**_LOG2_MAX_WIDTH // 4)
         log2_width = 2 + _log2(groups_w)
-        _launch(_kl_rows_kernel, lambda b: triton.cdiv(rows, b), _row_block(log2_width), block, "BLOCK_R", mu,
-                logvar, z, kl, rng_state, rows, cols, triton.cdiv(groups, groups_w), SAMPLE=rng_state is not None,
-                ACC=_acc(mu.dtype), LOG2_WIDTH=log2_width)
+        _launch(_kl_rows_kernel, lambda b: triton.cdiv(rows, b), _row_block(log2_width, mu.dtype), block,
+                "BLOCK_R", mu, logvar, z, kl, rng_state, rows, cols, triton.cdiv(groups, groups_w),
+                SAMPLE=rng_state is not None, ACC=_acc(mu.dtype), LOG2_WIDTH=log2_width)
     return z, kl
 
 
@@ -235,8 +239,8 @@ def kl_backward(grad_kl: Tensor, mu: Tensor, logvar: Tensor, *, block: int | Non
     cols, rows = mu.shape[-1], math.prod(mu.shape[:-1])
     if mu.numel():
         log2_width = min(_log2(triton.next_power_of_2(cols)), _LOG2_MAX_WIDTH)
-        _launch(_kl_backward_kernel, lambda b: triton.cdiv(rows, b), _row_block(log2_width), block, "BLOCK_R",
-                grad_kl, mu, logvar, grad_mu, grad_logvar, rows, cols, ACC=_acc(mu.dtype), LOG2_WIDTH=log2_width)
+        _launch(_kl_backward_kernel, lambda b: triton.cdiv(rows, b), _row_block(log2_width, mu.dtype), block,
+                "BLOCK_R", grad_kl, mu, logvar, grad_mu, grad_logvar, rows, cols, ACC=_acc(mu.dtype), LOG2_WIDTH=log2_width)
     return grad_mu, grad_logvar
 
 
