@@ -16,12 +16,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import genfast
-from benchmarks.cases.common import Contender, genfast_backends, make_step
+from benchmarks.cases.common import (
+    DTYPES,
+    MODES,
+    QUICK_DTYPE,
+    Contender,
+    contenders_of,
+    make_step,
+    short_dtype,
+)
 from genfast.activations import activation_module
 
-MODES = ("forward", "backward", "both")
 _GEMMS_PER_MODE = {"forward": 1, "backward": 2, "both": 3}
-_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ class DenseCase:
     @property
     def name(self) -> str:
         return (f"{self.batch}x{self.in_features}->{self.out_features} {self.activation} "
-                f"{_SHORT_DTYPE.get(self.dtype, self.dtype)} {self.mode}")
+                f"{short_dtype(self.dtype)} {self.mode}")
 
     @property
     def flops(self) -> int:
@@ -48,7 +54,6 @@ _MLP_LAYERS = ((784, 600), (600, 400), (100, 128), (1024, 784))
 _BATCHES = (64, 256, 1024, 4096)
 _GELU_SHAPES = ((256, 784, 600), (4096, 1024, 784))
 _LARGE = {"cpu": ((2048, 2048, 2048), "float32"), "cuda": ((8192, 8192, 8192), "bfloat16")}
-_DTYPES = {"cpu": ("float32",), "cuda": ("float32", "bfloat16")}
 
 
 def _cases(shapes: list[tuple[int, int, int, str, str]]) -> tuple[DenseCase, ...]:
@@ -58,16 +63,16 @@ def _cases(shapes: list[tuple[int, int, int, str, str]]) -> tuple[DenseCase, ...
 
 def _full(device_type: str) -> tuple[DenseCase, ...]:
     (large, large_dtype) = _LARGE[device_type]
-    shapes = [(batch, i, o, "relu", dtype) for dtype in _DTYPES[device_type]
+    shapes = [(batch, i, o, "relu", dtype) for dtype in DTYPES[device_type]
               for (i, o) in _MLP_LAYERS for batch in _BATCHES]
-    shapes += [(*shape, "gelu", dtype) for dtype in _DTYPES[device_type] for shape in _GELU_SHAPES]
+    shapes += [(*shape, "gelu", dtype) for dtype in DTYPES[device_type] for shape in _GELU_SHAPES]
     return _cases(shapes + [(*large, "relu", large_dtype)])
 
 
 CASES: dict[str, tuple[DenseCase, ...]] = {device_type: _full(device_type) for device_type in _LARGE}
 QUICK_CASES: dict[str, tuple[DenseCase, ...]] = {
     device_type: _cases([(64, 100, 128, "relu", dtype), (256, 784, 600, "gelu", dtype)])
-    for device_type, dtype in (("cpu", "float32"), ("cuda", "bfloat16"))
+    for device_type, dtype in QUICK_DTYPE.items()
 }
 
 
@@ -116,8 +121,6 @@ def contenders(case: DenseCase, device: torch.device) -> dict[str, Contender]:
     setup = _setup(case.batch, case.in_features, case.out_features, case.activation, case.dtype, device)
     step = functools.partial(make_step, inputs=setup.inputs, grad_output=setup.grad_output, mode=case.mode)
     # genfast:auto is what a user gets (the backend genfast picks); genfast:<backend> pins that backend.
-    result = {"genfast:auto": Contender(functools.partial(step, _genfast(case.activation)))}
-    result.update({f"genfast:{b}": Contender(functools.partial(step, _genfast(case.activation)), b)
-                   for b in genfast_backends(device)})
-    result.update({name: Contender(functools.partial(step, fn)) for name, fn in setup.baselines.items()})
-    return result
+    ours = _genfast(case.activation)
+    return {"genfast:auto": Contender(functools.partial(step, ours)),
+            **contenders_of(step, ours, setup.baselines, device)}

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import genfast
-from benchmarks.cases.common import Contender, genfast_backends, make_step
+from benchmarks.cases.common import DTYPES, QUICK_DTYPE, Contender, contenders_of, make_step, short_dtype
 
-_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _LATENT = 32
 
 
@@ -39,7 +38,7 @@ class LossCase:
     @property
     def name(self) -> str:
         return (f"{self.loss} {self.kind} {self.batch}x{self.features} "
-                f"{_SHORT_DTYPE.get(self.dtype, self.dtype)} {self.mode}")
+                f"{short_dtype(self.dtype)} {self.mode}")
 
     @property
     def flops(self) -> int:
@@ -56,7 +55,7 @@ class LossCase:
 
 
 def _cases(device_type: str) -> tuple[LossCase, ...]:
-    dtypes = ("float32",) if device_type == "cpu" else ("float32", "bfloat16")
+    dtypes = DTYPES[device_type]
     elbo_batches = (64, 1024, 4096, 16384, 65536)
     cases = [LossCase("elbo", b, 784, "bce", dtype) for dtype in dtypes for b in elbo_batches]
     cases += [LossCase("elbo", 4096, 784, "mse", dtype) for dtype in dtypes]
@@ -68,10 +67,10 @@ def _cases(device_type: str) -> tuple[LossCase, ...]:
     return tuple(cases)
 
 
-CASES: dict[str, tuple[LossCase, ...]] = {device_type: _cases(device_type) for device_type in ("cpu", "cuda")}
+CASES: dict[str, tuple[LossCase, ...]] = {device_type: _cases(device_type) for device_type in DTYPES}
 QUICK_CASES: dict[str, tuple[LossCase, ...]] = {
     device_type: (LossCase("elbo", 256, 784, "bce", dtype), LossCase("discriminator", 64, 1, "nonsaturating", dtype))
-    for device_type, dtype in (("cpu", "float32"), ("cuda", "bfloat16"))
+    for device_type, dtype in QUICK_DTYPE.items()
 }
 
 
@@ -144,7 +143,4 @@ def contenders(case: LossCase, device: torch.device) -> dict[str, Contender]:
     """genfast on each backend of `device`, eager and torch.compile, all on the same inputs."""
     setup = _setup(case, device)
     step = functools.partial(make_step, inputs=setup.inputs, grad_output=setup.grad_output, mode=case.mode)
-    result = {f"genfast:{b}": Contender(functools.partial(step, setup.genfast), b) for b in genfast_backends(device)}
-    result["eager"] = Contender(functools.partial(step, setup.eager))
-    result["compile"] = Contender(functools.partial(step, setup.compiled))
-    return result
+    return contenders_of(step, setup.genfast, {"eager": setup.eager, "compile": setup.compiled}, device)

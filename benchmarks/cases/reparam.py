@@ -35,11 +35,17 @@ import torch
 from torch import Tensor
 
 import genfast
-from benchmarks.cases.common import Contender, genfast_backends, make_step
+from benchmarks.cases.common import (
+    DTYPES,
+    MODES,
+    QUICK_DTYPE,
+    Contender,
+    contenders_of,
+    make_step,
+    short_dtype,
+)
 
 OPS = ("reparameterize", "kl", "reparameterize_kl")
-MODES = ("forward", "backward", "both")
-_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _Op = Callable[..., Tensor | tuple[Tensor, Tensor]]  # (mu, logvar) -> z, kl or (z, kl)
 # Tensors of N elements each mode must read and write, at the least (see the module docstring).
 _TRAFFIC = {"reparameterize": {"forward": 3, "backward": 3},
@@ -57,7 +63,7 @@ class ReparamCase:
 
     @property
     def name(self) -> str:
-        return f"{self.op} {self.batch}x{self.latent} {_SHORT_DTYPE.get(self.dtype, self.dtype)} {self.mode}"
+        return f"{self.op} {self.batch}x{self.latent} {short_dtype(self.dtype)} {self.mode}"
 
     @property
     def flops(self) -> int:
@@ -75,21 +81,20 @@ _SHAPES = ((128, 20), (1024, 64), (4096, 256), (16384, 512))
 # 2^26 elements, as (shape, ops, modes). On 2 CPU cores a call takes 1-4 s and a case minutes: one case.
 _LARGE = {"cpu": (((65536, 1024), ("reparameterize",), ("both",)),),
           "cuda": (((65536, 1024), OPS, MODES), ((8192, 8192), OPS, MODES))}
-_DTYPES = {"cpu": ("float32",), "cuda": ("float32", "bfloat16")}
 
 
 def _full(device_type: str) -> tuple[ReparamCase, ...]:
     """Every op and mode of each shape; the modes of one (op, shape, dtype) next to each other (they share
     inputs and compiles)."""
     shapes = [(shape, OPS, MODES) for shape in _SHAPES] + list(_LARGE[device_type])
-    return tuple(ReparamCase(op, batch, latent, dtype, mode) for dtype in _DTYPES[device_type]
+    return tuple(ReparamCase(op, batch, latent, dtype, mode) for dtype in DTYPES[device_type]
                  for ((batch, latent), ops, modes) in shapes for op in ops for mode in modes)
 
 
-CASES: dict[str, tuple[ReparamCase, ...]] = {device_type: _full(device_type) for device_type in _DTYPES}
+CASES: dict[str, tuple[ReparamCase, ...]] = {device_type: _full(device_type) for device_type in DTYPES}
 QUICK_CASES: dict[str, tuple[ReparamCase, ...]] = {
     device_type: tuple(ReparamCase(op, 128, 20, dtype, "both") for op in OPS)
-    for device_type, dtype in (("cpu", "float32"), ("cuda", "bfloat16"))
+    for device_type, dtype in QUICK_DTYPE.items()
 }
 
 
@@ -166,7 +171,4 @@ def contenders(case: ReparamCase, device: torch.device) -> dict[str, Contender]:
     """genfast on each backend of `device`, eager and torch.compile, all on the same inputs."""
     setup = _setup(case.op, case.batch, case.latent, case.dtype, device, case.mode == "backward")
     step = functools.partial(make_step, inputs=setup.inputs, grad_output=setup.grad_output, mode=case.mode)
-    result = {f"genfast:{b}": Contender(functools.partial(step, setup.genfast), b) for b in genfast_backends(device)}
-    result["eager"] = Contender(functools.partial(step, setup.eager))
-    result["compile"] = Contender(functools.partial(step, setup.compiled))
-    return result
+    return contenders_of(step, setup.genfast, {"eager": setup.eager, "compile": setup.compiled}, device)

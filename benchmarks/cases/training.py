@@ -25,11 +25,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from benchmarks.cases.common import Contender, genfast_backends
+from benchmarks.cases.common import DTYPES, QUICK_DTYPE, Contender, genfast_backends, short_dtype
 from genfast.models import GAN, VAE, Autoencoder, LanguageModel
 
 MODELS = ("autoencoder", "vae", "gan", "lm")
-_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
 _AUTOENCODER = (784, 600, 400, 200)
 _VAE = (784, (400,), 20)  # in_features, hidden, latent
 _GENERATOR, _DISCRIMINATOR = (100, 128, 256, 512, 1024, 784), (784, 512, 256, 128, 1)
@@ -45,7 +44,7 @@ class TrainingCase:
 
     @property
     def name(self) -> str:
-        return f"{self.model} train step {self.batch} {_SHORT_DTYPE[self.dtype]}"
+        return f"{self.model} train step {self.batch} {short_dtype(self.dtype)}"
 
     @property
     def steps(self) -> int:
@@ -78,15 +77,14 @@ def _gemm_flops(sizes: tuple[int, ...], forward_rows: int, backward_rows: int, i
 
 
 _BATCHES = {"cpu": (64, 256), "cuda": (64, 256, 1024)}
-_DTYPES = {"cpu": ("float32",), "cuda": ("float32", "bfloat16")}
 CASES: dict[str, tuple[TrainingCase, ...]] = {
-    device_type: tuple(TrainingCase(model, batch, dtype) for dtype in _DTYPES[device_type]
+    device_type: tuple(TrainingCase(model, batch, dtype) for dtype in DTYPES[device_type]
                        for model in MODELS for batch in _BATCHES[device_type])
     for device_type in _BATCHES
 }
 QUICK_CASES: dict[str, tuple[TrainingCase, ...]] = {
     device_type: tuple(TrainingCase(model, 64, dtype) for model in MODELS)
-    for device_type, dtype in (("cpu", "float32"), ("cuda", "bfloat16"))
+    for device_type, dtype in QUICK_DTYPE.items()
 }
 
 
