@@ -4,8 +4,8 @@ suite of the source tree (its arguments go to `python -m benchmarks`)."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,22 +89,25 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# The folder that holds the genfast package: in a source checkout (or an editable install of one) the
+# checkout, beside benchmarks/; in an installed wheel site-packages, where the suite is not.
+SOURCE_TREE = Path(__file__).resolve().parent.parent
+
+
 def run_bench(arguments: list[str]) -> int:
-    """`python -m benchmarks` with these arguments. The suite lives in the source tree, beside the
-    genfast package, and is not part of a wheel."""
-    try:
-        bench = importlib.import_module("benchmarks.__main__")
-    except ImportError:
-        tree = Path(__file__).resolve().parent.parent
-        if not (tree / "benchmarks" / "__main__.py").is_file():
-            print("genfast bench: the benchmark suite (benchmarks/) is not installed with genfast; run it "
-                  "from a source checkout: genfast bench ... or python -m benchmarks ...", file=sys.stderr)
-            return 2
-        sys.path.insert(0, str(tree))  # an editable install: the checkout beside the package
-        bench = importlib.import_module("benchmarks.__main__")
-    sys.argv = ["genfast bench", *arguments]
-    bench.main()
-    return 0
+    """`python -m benchmarks` with these arguments, in a child process that finds the suite (and this same
+    genfast) through PYTHONPATH; its exit status. The suite is not part of a wheel: without it, one line
+    and exit status 2."""
+    tree = SOURCE_TREE
+    if not (tree / "benchmarks" / "__main__.py").is_file():
+        print(f"genfast bench: error: the benchmark suite is not installed with genfast (no {tree / 'benchmarks'}); "
+              "it needs a source checkout of genfast: run genfast bench there after pip install -e ., "
+              "or python -m benchmarks ... from its root", file=sys.stderr)
+        return 2
+    # The working directory stays the caller's: relative --out and --render paths mean what they typed.
+    path = os.pathsep.join(filter(None, (str(tree), os.environ.get("PYTHONPATH"))))
+    return subprocess.run([sys.executable, "-m", "benchmarks", *arguments],
+                          env={**os.environ, "PYTHONPATH": path}).returncode
 
 
 # What a user can fix (arguments, device, data, output folder, checkpoint, missing packages, a diverging run):

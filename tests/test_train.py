@@ -208,10 +208,23 @@ def test_python_m_genfast_exits_nonzero_on_a_bad_path(tmp_path):
     assert done.returncode != 0 and "missing.txt" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_cli_bench_forwards_its_arguments(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["bench", "--help"])
-    assert exit_info.value.code == 0 and "--quick" in capsys.readouterr().out
+def test_cli_bench_runs_the_suite_of_the_checkout_from_anywhere_without_touching_sys_path(
+        tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the suite is found from genfast's own location
+    path = list(sys.path)
+    assert cli.main(["bench", "--help"]) == 0
+    assert "--quick" in capfd.readouterr().out
+    assert cli.main(["bench", "--cases", "nosuchfamily"]) == 2  # the suite's own exit status comes back
+    assert "nosuchfamily" in capfd.readouterr().err
+    assert sys.path == path
+
+
+def test_cli_bench_outside_a_source_checkout_says_what_it_needs(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(cli, "SOURCE_TREE", tmp_path)  # as in an installed wheel: no benchmarks/ beside genfast
+    assert cli.main(["bench", "--device", "cpu", "--quick"]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith("genfast bench: error: ") and "source checkout" in err and str(tmp_path) in err
 
 
 def test_digits_data():
