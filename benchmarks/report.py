@@ -16,7 +16,11 @@ _METHOD = ("Median of many calls after warm-up ({clock}); the contenders alterna
            "each keeping its best median. Ratios are baseline time / genfast time: "
            "> 1 means genfast is faster. forward runs as in training (the inputs that take gradients require them); "
            "backward is timed alone on a retained graph; both is forward + backward; "
-           "a train step is forward, backward and the optimizer step (steps/s from the same median).")
+           "a train step is forward, backward and the optimizer step (steps/s from the same median); "
+           "an overhead case is one call of the op, forward and backward, at a small shape (µs/call from the same "
+           "median).")
+# Figures some families give per contender besides its time: (result key, column unit).
+_PER_CONTENDER = (("steps_per_s", "steps/s"), ("us_per_call", "µs/call"))
 
 
 def write(out: Path, header: dict, rows: list[dict], suffix: str = "") -> Path:
@@ -139,8 +143,9 @@ def _case_table(rows: list[dict], on_gpu: bool) -> list[str]:
     fractions = [(key, label) for key, label in (("matmul_fraction", "matmul rate"),
                                                  ("bandwidth_fraction", "bandwidth"))
                  if any(key in r for row in rows for r in row["results"].values())]
-    steps = any("steps_per_s" in r for row in rows for r in row["results"].values())
-    columns = (["case"] + [f"{n} ms" for n in names] + ([f"{n} steps/s" for n in names] if steps else []) + ratios
+    extras = [(key, unit) for key, unit in _PER_CONTENDER
+              if any(key in r for row in rows for r in row["results"].values())]
+    columns = (["case"] + [f"{n} ms" for n in names] + [f"{n} {unit}" for _, unit in extras for n in names] + ratios
                + [f"peak MB ({' / '.join(names)})" if on_gpu else "peak MB"]
                + ([f"{n} % of {label}" for _, label in fractions for n in genfast_names]
                   + [f"kernels ({' / '.join(names)})"] if on_gpu else []))
@@ -148,8 +153,7 @@ def _case_table(rows: list[dict], on_gpu: bool) -> list[str]:
     for row in rows:
         results = row["results"]
         cells = [row["case"]] + [_ms(results[n]["median_ms"]) if n in results else "—" for n in names]
-        if steps:
-            cells += [_ms(results[n].get("steps_per_s")) if n in results else "—" for n in names]
+        cells += [_ms(results[n].get(key)) if n in results else "—" for key, _ in extras for n in names]
         cells += [f"{row['ratios'][key]:.2f}" if key in row["ratios"] else "—" for key in ratios]
         if on_gpu:
             cells.append(" / ".join(f"{results[n]['peak_bytes'] / 2**20:.1f}" if n in results else "—"

@@ -100,6 +100,8 @@ def _row(family, case, device: torch.device, config: timing.TimingConfig, flush_
         seconds = result["median_ms"] / 1e3
         if getattr(case, "steps", 0):  # training cases: optimizer steps per timed call
             result["steps_per_s"] = case.steps / seconds
+        if getattr(case, "calls", 0):  # overhead cases: op calls per timed call
+            result["us_per_call"] = seconds * 1e6 / case.calls
         if case.flops and case.dtype in rates:
             result["matmul_fraction"] = case.flops / seconds / rates[case.dtype]
         if bandwidth and hasattr(case, "bytes"):

@@ -39,7 +39,7 @@ def summary_lines(markdown: str) -> list[str]:
     return list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
 
 
-@pytest.mark.parametrize("family", ["dense", "losses", "reparam", "training"])
+@pytest.mark.parametrize("family", ["dense", "losses", "reparam", "training", "overhead"])
 def test_quick_cpu_run_writes_json_markdown_and_plot(tmp_path, family):
     path = benchmarks.run(device="cpu", cases=[family], quick=True, out=tmp_path)
     result = json.loads(path.read_text())
@@ -56,6 +56,27 @@ def test_quick_cpu_run_writes_json_markdown_and_plot(tmp_path, family):
             assert ratio == pytest.approx(medians[baseline] / medians[ours])
     assert path.with_suffix(".md").read_text().count("\n|") >= len(result["rows"])
     assert png_size(family_plots(path, {family})[family]) > (100, 100)
+
+
+def test_overhead_family_gives_each_op_per_call_in_microseconds_against_eager(tmp_path, monkeypatch):
+    from benchmarks import runner, timing
+
+    tiny = timing.TimingConfig(warmup=1, min_time=0.0, max_time=0.01, min_repeats=3, max_repeats=5, rounds=1)
+    monkeypatch.setattr(timing, "QUICK", tiny)
+    path = runner.run(device="cpu", cases=["overhead"], quick=True, out=tmp_path)
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["case"] for row in rows] == ["fused_dense 64x100->128 relu fp32 both",
+                                            "generator_loss nonsaturating 64x1 fp32 both",
+                                            "reparameterize 64x20 fp32 both"]
+    for row in rows:
+        assert {"genfast:auto", "eager", "compile"} < set(row["results"])  # and genfast on each backend
+        for result in row["results"].values():
+            assert result["us_per_call"] == pytest.approx(1e3 * result["median_ms"]) and result["repeats"] <= 5
+        assert row["ratios"]["eager/genfast:auto"] == pytest.approx(
+            row["results"]["eager"]["median_ms"] / row["results"]["genfast:auto"]["median_ms"])
+    columns = next(line for line in path.with_suffix(".md").read_text().splitlines()
+                   if line.startswith("| case |"))
+    assert "| genfast:auto µs/call |" in columns and "| eager µs/call |" in columns
 
 
 def _row(family: str, case: str, ratios: dict[str, float]) -> dict:
