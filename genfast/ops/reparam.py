@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from genfast import backend, reference
+from genfast.loss_terms import KL_ROWS_DTYPE
 from genfast.ops import _route
 from genfast.ops._checks import check_same, check_tensor
-from genfast.reference import KL_ROWS_DTYPE
 
 _REDUCTIONS = ("none", "sum", "mean")
 _SEEDED = (torch.Tag.nondeterministic_seeded,)

@@ -23,8 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from genfast.activations import ACTIVATIONS
-from genfast.reference import mask_row_bytes
+from genfast.activations import ACTIVATIONS, mask_row_bytes
 from genfast.triton._math import INTERPRETED, exp, math_scalar, math_type, sigmoid
 
 # Globals read inside kernels must be tl.constexpr for the compiler.

@@ -3,7 +3,7 @@
 Noise: eps[i] = lane i % 4 of the four Box-Muller normals of one Philox4x32-10 call with key = seed and
 counter = (offset_lo, offset_hi, g_lo, g_hi), g = i // 4 (csrc/common/philox.h). tl.philox takes the key
 low word first and runs the rounds of at::Philox4_32, so every backend draws the same bits. rng_state =
-(seed, offset = 0) comes from genfast.reference.new_rng_state: a fresh seed per forward, drawn on the
+(seed, offset = 0) comes from genfast.rng.new_rng_state: a fresh seed per forward, drawn on the
 device by torch.randint. The kernels load seed and offset from that tensor: no host sync, and a CUDA
 graph replays with whatever the tensor holds. Backward draws eps again from rng_state.
 
@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from genfast.reference import KL_ROWS_DTYPE, new_rng_state
+from genfast.loss_terms import KL_ROWS_DTYPE
+from genfast.rng import new_rng_state
 from genfast.triton._math import cospi, exp, expm1, log, math_type, sinpi
 
 _LOG2_MAX_WIDTH = 7  # a row kernel's step covers at most 128 elements of a row (32 Philox groups)
