@@ -7,7 +7,7 @@ derivative with the least memory:
 
 - ``"mask"``: one bit per element, set where the gradient passes unscaled (relu, leaky_relu), by eager
   PyTorch's own comparisons: relu's backward zeroes where ``z <= 0``, so a NaN z passes the gradient;
-  leaky_relu's passes where ``z > 0``, so a NaN z gets the slope;
+  leaky_relu's passes where ``z > 0``, so a NaN z gets the slope; packed as ``mask_row_bytes`` says;
 - ``"output"``: the activation's output ``y`` (sigmoid, tanh: the derivative is a function of y);
 - ``"preact"``: the pre-activation ``z`` (gelu, gelu_tanh, silu);
 - ``"none"``: nothing (identity).
@@ -97,6 +97,13 @@ ACTIVATIONS: dict[str, Activation] = {
         ),
     )
 }
+
+
+def mask_row_bytes(n: int) -> int:
+    """Bytes per row of a packed mask (uint8 (M, mask_row_bytes(N))): one bit per column, bit j of a row in
+    byte j // 8, bit j % 8, rows padded to 128 bits (the layout cuBLASLt's RELU_AUX epilogues use). Every
+    backend saves this layout; csrc/common/activations.h holds the C++ twin."""
+    return (n + 127) // 128 * 16
 
 
 def get_activation(name: str | None) -> Activation:

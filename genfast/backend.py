@@ -92,16 +92,29 @@ def select(device: torch.device) -> str:
     return _default_backend(device.type)
 
 
-@functools.lru_cache(maxsize=None)
+# device type -> its default backend. A plain dict, not functools.lru_cache: torch.compile traces select
+# (fused_dense calls it) and Dynamo warns about every lru_cache wrapper it traces through.
+_DEFAULTS: dict[str, str] = {}
+
+
+# A constant to Dynamo: it calls the function while tracing instead of tracing it, so no graph guards
+# on the cache (a first call under compile would fill it and force a recompile).
+@torch.compiler.assume_constant_result
 def _default_backend(device_type: str) -> str:
     """The first usable backend of the device's order (cached: what was built does not change at run
     time, and so each fallback warns once)."""
+    cached = _DEFAULTS.get(device_type)
+    if cached is not None:
+        return cached
+    chosen = "reference"
     for name in _DEFAULT_ORDER.get(device_type, ("reference",)):
         reason = why_unusable(name, device_type)
         if reason is None:
-            return name
+            chosen = name
+            break
         warnings.warn(f"genfast: backend {name!r} unavailable ({reason}); falling back", stacklevel=4)
-    return "reference"
+    _DEFAULTS[device_type] = chosen
+    return chosen
 
 
 def available_backends() -> list[str]:

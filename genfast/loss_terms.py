@@ -17,11 +17,22 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
+from torch import Tensor
+
 RECON_LOSSES = {"bce": 0, "mse": 1}
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 TERMS = {"bce": 0, "hinge": 1, "square": 2, "linear": 3}
 UINT8_TARGET_SCALE = 1.0 / 255.0
 """uint8 targets are pixel intensities 0..255 meaning 0..1 (bool targets are 0/1)."""
+KL_ROWS_DTYPE = torch.float64
+"""The per-row KL of every backend is float64 whatever the inputs' dtype (csrc/reparam/reparam.h)."""
+
+
+def target_values(target: Tensor, dtype: torch.dtype) -> Tensor:
+    """Targets as probabilities in `dtype`: uint8 pixels 0..255 mean 0..1, bool means 0/1."""
+    values = target.to(dtype)
+    return values * UINT8_TARGET_SCALE if target.dtype == torch.uint8 else values
 
 
 class Term(NamedTuple):

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genfast.activations import ACTIVATIONS, get_activation
-from genfast.loss_terms import GAN_KINDS, RECON_LOSSES, REDUCTIONS, TERMS, UINT8_TARGET_SCALE, Term, real_term
+from genfast.activations import ACTIVATIONS, get_activation, mask_row_bytes
+from genfast.loss_terms import GAN_KINDS, RECON_LOSSES, REDUCTIONS, TERMS, Term, real_term, target_values
+from genfast.rng import new_rng_state
 
 _BY_CODE = {a.code: a for a in ACTIVATIONS.values()}
 _BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int32)
@@ -22,11 +23,6 @@ def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activatio
                 negative_slope: float = 0.01) -> Tensor:
     """act(x @ weight^T + bias), differentiable by autograd."""
     return get_activation(activation).forward(F.linear(x, weight, bias), negative_slope)
-
-
-def mask_row_bytes(n: int) -> int:
-    """Bytes per row of a packed relu mask: n bits padded to a multiple of 128."""
-    return (n + 127) // 128 * 16
 
 
 def pack_mask(positive: Tensor) -> Tensor:
@@ -76,12 +72,6 @@ def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act
 # ---------------------------------------------------------------------------------------------------
 # Losses: the plain expressions (as eager code writes them; tests evaluate them in float64), then the
 # kernel contract of csrc/losses/losses.h, its gradients taken from the plain expressions by autograd.
-
-def target_values(target: Tensor, dtype: torch.dtype) -> Tensor:
-    """Targets as probabilities in `dtype`: uint8 pixels 0..255 mean 0..1, bool means 0/1."""
-    values = target.to(dtype)
-    return values * UINT8_TARGET_SCALE if target.dtype == torch.uint8 else values
-
 
 def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
     """Per sample KL(N(mu, exp(logvar)) || N(0, I)) = 0.5 sum (exp(logvar) - 1 - logvar + mu^2)."""
@@ -238,12 +228,6 @@ def philox_normal(seed: int, offset: int, numel: int, device: torch.device | str
     return torch.stack(normals, dim=1).reshape(-1)[:numel]
 
 
-def new_rng_state(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-    """(seed, offset = 0) for one call: one seed drawn from `generator` (default: the device's), on `device`."""
-    seed = torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
-    return torch.cat([seed, seed.new_zeros(1)])
-
-
 def noise(rng_state: Tensor, shape: tuple[int, ...]) -> Tensor:
     """The float32 eps of `shape` that a call with `rng_state` drew (and its backward draws again)."""
     seed, offset = (int(v) & (2**64 - 1) for v in rng_state.tolist())
@@ -262,10 +246,6 @@ def reparam_forward(mu: Tensor, logvar: Tensor, generator: torch.Generator | Non
 def reparam_backward(grad_z: Tensor, logvar: Tensor, rng_state: Tensor) -> Tensor:
     eps = noise(rng_state, logvar.shape).double()
     return (0.5 * grad_z.double() * eps * torch.exp(0.5 * logvar.double())).to(logvar.dtype)
-
-
-# The per-row KL of every backend is float64 whatever the inputs' dtype (csrc/reparam/reparam.h).
-KL_ROWS_DTYPE = torch.float64
 
 
 def kl_forward(mu: Tensor, logvar: Tensor) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -39,3 +41,19 @@ def test_compiled_graph_contains_the_custom_op():
     require_backend("cpu", "cpu")
     seen = compiled_op_targets(FusedLinear(5, 3, activation="tanh"), torch.randn(2, 5))
     assert any("genfast.fused_dense" in target for target in seen), seen
+
+
+def test_compiling_a_fused_model_emits_no_lru_cache_warning(monkeypatch):
+    """The defect: backend.select, traced by Dynamo on every fused_dense call, reached a functools.lru_cache
+    and Dynamo warned on every graph that it traces through the cache wrapper."""
+    from genfast.models import VAE
+
+    monkeypatch.setattr(genfast.backend, "_ENVIRONMENT_PIN", None)  # unpinned: select's default path
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set(), raising=False)  # warned before or not
+    torch._dynamo.reset()
+    vae = VAE(in_features=12, hidden=(8,), latent=3)
+    compiled = torch.compile(lambda x: vae.loss(x), fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(torch.rand(5, 12)).backward()
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]

@@ -11,6 +11,7 @@ import torch
 
 import genfast
 from genfast import reference
+from genfast.activations import mask_row_bytes
 from tests.conftest import require_backend
 
 BACKENDS = ["reference", "cpu", "triton"]
@@ -228,6 +229,6 @@ def test_triton_backward_grid_fits_cuda_limits_for_millions_of_features(monkeypa
     monkeypatch.setattr(triton_dense, "_dz_kernel", Recorder())
     n = 5_000_000
     grad_y, x, w = torch.randn(1, n), torch.randn(1, 1), torch.randn(n, 1)
-    saved = torch.zeros(1, reference.mask_row_bytes(n), dtype=torch.uint8)
+    saved = torch.zeros(1, mask_row_bytes(n), dtype=torch.uint8)
     triton_dense.dense_backward(grad_y, x, w, saved, genfast.ACTIVATIONS["relu"].code, 0.0, False, False, True)
     assert grids and all(size < 65536 for grid in grids for size in grid[1:]), grids

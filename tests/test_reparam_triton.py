@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from genfast import reference
+from genfast.loss_terms import KL_ROWS_DTYPE
 from tests.conftest import require_backend
 from tests.tolerance import assert_within_rule
 
@@ -95,7 +96,7 @@ def test_contract_functions_match_the_reference(triton_reparam, shape, dtype):
                        reference.reparam_backward(grad_z.double(), logvar64, rng_state))
 
     kl = triton_reparam.kl_forward(mu, logvar)
-    assert kl.dtype == reference.KL_ROWS_DTYPE
+    assert kl.dtype == KL_ROWS_DTYPE
     eager_kl = 0.5 * (torch.expm1(logvar) - logvar + mu * mu).sum(-1).reshape(-1)
     assert_within_rule("kl", kl, eager_kl.to(kl.dtype), reference.kl_forward(mu64, logvar64))
 
@@ -155,8 +156,8 @@ def test_empty_tensors(triton_reparam, shape):
     assert z.shape == shape and torch.equal(rng_state, torch.zeros(2, dtype=torch.int64))
     assert triton_reparam.reparam_backward(mu, logvar, rng_state).shape == shape
     kl = triton_reparam.kl_forward(mu, logvar)
-    assert torch.equal(kl, torch.zeros(rows, dtype=reference.KL_ROWS_DTYPE))
+    assert torch.equal(kl, torch.zeros(rows, dtype=KL_ROWS_DTYPE))
     z, rng_state, kl = triton_reparam.reparam_kl_forward(mu, logvar)
-    assert z.shape == shape and torch.equal(kl, torch.zeros(rows, dtype=reference.KL_ROWS_DTYPE))
-    grad_kl = torch.zeros(rows, dtype=reference.KL_ROWS_DTYPE)
+    assert z.shape == shape and torch.equal(kl, torch.zeros(rows, dtype=KL_ROWS_DTYPE))
+    grad_kl = torch.zeros(rows, dtype=KL_ROWS_DTYPE)
     assert all(g.shape == shape for g in triton_reparam.kl_backward(grad_kl, mu, logvar))

@@ -108,8 +108,7 @@ def _shapes(aligned: list, odd: list, dtype) -> list:
 def launch_dense() -> None:
     import torch
 
-    from genfast.activations import ACTIVATIONS
-    from genfast.reference import mask_row_bytes
+    from genfast.activations import ACTIVATIONS, mask_row_bytes
     from genfast.triton import dense
 
     modes = [

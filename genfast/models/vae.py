@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from genfast import reference
+from genfast.loss_terms import target_values
 from genfast.models._twin import TwinModel, check_positive, check_sizes, mlp
 from genfast.nn.reparameterize import Reparameterize
 from genfast.ops.losses import elbo_loss
@@ -40,7 +41,7 @@ class VAE(TwinModel):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, ...) probabilities, or uint8 pixels (0..255 read as 0..1) -> mu, logvar (B, latent)."""
-        mu, logvar = self.encoder(reference.target_values(x.flatten(1), self._dtype())).chunk(2, dim=-1)
+        mu, logvar = self.encoder(target_values(x.flatten(1), self._dtype())).chunk(2, dim=-1)
         return mu, logvar
 
     def forward(self, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -12,10 +12,9 @@ import torch
 from torch import Tensor
 
 from genfast import _extension, backend, reference
-from genfast.activations import ACTIVATIONS, get_activation
+from genfast.activations import ACTIVATIONS, get_activation, mask_row_bytes
 from genfast.ops import _route
 from genfast.ops._checks import autocast_dtype, check_same, check_shape, check_tensor
-from genfast.reference import mask_row_bytes
 
 _SAVES = {a.code: a.saves for a in ACTIVATIONS.values()}
 _NAMES = {a.code: a.name for a in ACTIVATIONS.values()}

@@ -7,7 +7,6 @@ for reduction "none"). No double backward: a gradient of these gradients raises.
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
@@ -26,29 +25,15 @@ from genfast.loss_terms import (
     real_term,
 )
 from genfast.ops import _route
+from genfast.ops._autograd import no_double_backward, plus
 from genfast.ops._checks import FLOAT_DTYPES, check_same, check_tensor
 
 _NONE = REDUCTIONS["none"]
 
 
-def _no_double_backward(name: str):
-    """Backward that refuses create_graph=True (a gradient of this gradient) with a clear error.
-
-    Its result would miss the dependence of the saved gradient on the inputs, and once_differentiable's
-    deferred error is skipped when autograd.grad asks only for parameters: a gradient penalty through
-    these losses would silently be wrong. AOTAutograd traces backward without grad mode: compile works.
-    """
-    def wrap(backward):
-        @functools.wraps(backward)
-        def wrapper(ctx, *grads):
-            if torch.is_grad_enabled():
-                raise RuntimeError(
-                    f"genfast {name} has no double backward (backward with create_graph=True): its backward "
-                    "scales a gradient saved by the forward kernel. Where a gradient of a gradient is needed, "
-                    "use the plain PyTorch expressions in genfast.reference.")
-            return backward(ctx, *grads)
-        return wrapper
-    return wrap
+# Why a gradient of these gradients raises, in the error.
+_SAVED_GRADIENT = ("its backward scales a gradient saved by the forward kernel. Where a gradient of a gradient "
+                   "is needed, use the plain PyTorch expressions in genfast.reference.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -76,10 +61,6 @@ def _per_sample_times(saved: Tensor, factor: Tensor | None) -> Tensor | None:
     return saved * (factor.view(-1, *([1] * (saved.dim() - 1))) if factor.dim() else factor)
 
 
-def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    return b if a is None else a if b is None else a + b
-
-
 def _elbo_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(*output[3:])
     ctx.beta = inputs[4]
@@ -88,15 +69,15 @@ def _elbo_setup(ctx, inputs, output) -> None:
 def _elbo_gradients(ctx, grad_loss, grad_recon_term, grad_kl_term, *_):
     # d loss/d recon = saved_recon; d loss/d (mu, logvar) = beta * saved_kl; the terms are outputs too.
     saved_recon, saved_mu, saved_logvar = ctx.saved_tensors
-    on_recon = _plus(grad_loss, grad_recon_term)
-    on_kl = _plus(None if grad_loss is None else ctx.beta * grad_loss, grad_kl_term)
+    on_recon = plus(grad_loss, grad_recon_term)
+    on_kl = plus(None if grad_loss is None else ctx.beta * grad_loss, grad_kl_term)
     need_recon, _, need_mu, need_logvar = ctx.needs_input_grad[:4]
     return (_per_sample_times(saved_recon, on_recon) if need_recon else None, None,
             _per_sample_times(saved_mu, on_kl) if need_mu else None,
             _per_sample_times(saved_logvar, on_kl) if need_logvar else None, None, None, None, None, None)
 
 
-_elbo_backward = _no_double_backward("elbo_loss")(_elbo_gradients)
+_elbo_backward = no_double_backward("elbo_loss", _SAVED_GRADIENT)(_elbo_gradients)
 _elbo.register_autograd(_elbo_backward, setup_context=_elbo_setup)
 
 
@@ -231,7 +212,7 @@ def _gan_gradients(ctx, grad_loss, *_):
                  for saved, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])) + (None,) * 6
 
 
-_gan_backward = _no_double_backward("GAN loss")(_gan_gradients)
+_gan_backward = no_double_backward("GAN loss", _SAVED_GRADIENT)(_gan_gradients)
 _gan.register_autograd(_gan_backward, setup_context=_gan_setup)
 
 

@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from genfast import backend, reference
+from genfast.loss_terms import KL_ROWS_DTYPE
 from genfast.ops import _route
+from genfast.ops._autograd import no_double_backward, plus
 from genfast.ops._checks import check_same, check_tensor
-from genfast.reference import KL_ROWS_DTYPE
 
 _REDUCTIONS = ("none", "sum", "mean")
 _SEEDED = (torch.Tag.nondeterministic_seeded,)
@@ -111,22 +112,13 @@ def _kl_gradients(ctx, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor, backw
     return tuple(backward(grad_kl.to(KL_ROWS_DTYPE), mu, logvar))
 
 
-def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    return b if a is None else a if b is None else a + b
-
-
-def _no_double_backward(op: str) -> None:
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"genfast {op} has no double backward (backward with create_graph=True)")
-
-
 def _setup_sample(ctx, inputs, output) -> None:
     ctx.save_for_backward(inputs[1], output[1])
     ctx.set_materialize_grads(False)
 
 
+@no_double_backward("reparameterize")
 def _reparameterize_autograd(ctx, grad_z, _grad_state):
-    _no_double_backward("reparameterize")
     return (*_sample_gradients(ctx, grad_z, _reparameterize_backward), None)
 
 
@@ -137,8 +129,8 @@ def _setup_kl(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
+@no_double_backward("kl_divergence")
 def _kl_autograd(ctx, grad_kl):
-    _no_double_backward("kl_divergence")
     return _kl_gradients(ctx, grad_kl, *ctx.saved_tensors, _kl_rows_backward)
 
 
@@ -150,12 +142,12 @@ def _setup_sample_kl(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
+@no_double_backward("reparameterize_kl")
 def _sample_kl_gradients(ctx, grad_z, grad_kl, sample_backward, kl_backward):
-    _no_double_backward("reparameterize_kl")
     logvar, _, mu = ctx.saved_tensors
     grad_mu, grad_logvar = _sample_gradients(ctx, grad_z, sample_backward)
     kl_mu, kl_logvar = _kl_gradients(ctx, grad_kl, mu, logvar, kl_backward)
-    return _plus(grad_mu, kl_mu), _plus(grad_logvar, kl_logvar)
+    return plus(grad_mu, kl_mu), plus(grad_logvar, kl_logvar)
 
 
 torch.library.register_autograd(
@@ -186,8 +178,8 @@ class _EagerReparameterize(torch.autograd.Function):
         return z
 
     @staticmethod
+    @no_double_backward("reparameterize")
     def backward(ctx, grad_z):
-        _no_double_backward("reparameterize")
         return (*_sample_gradients(ctx, grad_z, _eager_kernel(ctx.backend, "reparam", "backward")), None)
 
 
@@ -199,8 +191,8 @@ class _EagerKl(torch.autograd.Function):
         return _eager_kernel(ctx.backend, "kl", "forward")(mu, logvar)
 
     @staticmethod
+    @no_double_backward("kl_divergence")
     def backward(ctx, grad_kl):
-        _no_double_backward("kl_divergence")
         return _kl_gradients(ctx, grad_kl, *ctx.saved_tensors, _eager_kernel(ctx.backend, "kl", "backward"))
 
 

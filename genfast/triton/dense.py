@@ -18,16 +18,13 @@ exp, log and sigmoid are genfast.triton._math's (accurate when compiled, unlike 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from genfast.activations import ACTIVATIONS
-from genfast.reference import mask_row_bytes
-from genfast.triton._math import exp, math_scalar, sigmoid
+from genfast.activations import ACTIVATIONS, mask_row_bytes
+from genfast.triton._math import INTERPRETED, exp, math_scalar, math_type, sigmoid
 
 # Globals read inside kernels must be tl.constexpr for the compiler.
 NONE, RELU, LEAKY_RELU, GELU, GELU_TANH, SILU, SIGMOID, TANH = (
@@ -72,7 +69,7 @@ def _operand_kind(args: dict, precision: str) -> str:
 
 def _configs() -> list[triton.Config]:
     # The interpreter can't time kernels (no device benchmarker): one config, small tiles.
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRETED:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8})]
     return list(dict.fromkeys(_config(tile) for tiles in _TILES.values() for tile in tiles))
 
@@ -250,7 +247,7 @@ def _matmul(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, act: 
     cols = row_bytes * 8 if mask is not None else n
     fp32 = a.dtype == torch.float32
     precision = "tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    acc = tl.float64 if a.dtype == torch.float64 else tl.float32
+    acc = math_type(a.dtype)
     saves = _MASK if mask is not None else _PREACT if z is not None else 0
     _matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)](
         a, b, out, out if bias is None else bias, z, mask, m, n, k, cols, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
@@ -286,7 +283,7 @@ def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act
     grad_b = x.new_zeros(n) if need_b else x.new_empty(0)
     if (store_dz or need_b) and m * n > 0:
         rows, block_m, block_n = 256, 32, 64
-        acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+        acc = math_type(x.dtype)
         partial = x.new_empty((triton.cdiv(m, rows), n), dtype=torch.float64 if acc == tl.float64
                               else torch.float32) if need_b else None
         _dz_kernel[(triton.cdiv(m, rows) * triton.cdiv(n, block_n),)](

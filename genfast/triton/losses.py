@@ -8,13 +8,11 @@ chance): one program per block of elements writes the gradients and the block's 
 element's loss); the same finishing launch adds the partials. Two launches at most, no atomics: the
 same bits run to run.
 Bytes as in losses.h, plus 16 bytes per row (ELBO) or per block (GAN) of fp64 partial sums.
-log1p and expm1 are Kahan's forms (accurate near 0) over genfast.triton._math's exp and log (the
-interpreter has no libdevice.log1p/expm1; _math's are accurate when compiled, unlike tl.exp/tl.log).
+exp, log1p and expm1 are genfast.triton._math's: accurate when compiled (unlike tl.exp/tl.log), log1p and
+expm1 Kahan's forms, accurate near 0.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -22,36 +20,16 @@ import triton.language as tl
 from torch import Tensor
 
 from genfast.loss_terms import RECON_LOSSES, REDUCTIONS, TERMS
-from genfast.triton._math import exp, log, math_scalar
+from genfast.triton._math import INTERPRETED, exp, expm1, log1p, math_scalar, math_type
 
 # Globals read inside kernels must be tl.constexpr for the compiler.
 _RECON_BCE = tl.constexpr(RECON_LOSSES["bce"])
 _BCE, _HINGE, _SQUARE = (tl.constexpr(TERMS[n]) for n in ("bce", "hinge", "square"))
 _NONE, _MEAN = REDUCTIONS["none"], REDUCTIONS["mean"]
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Fixed block widths, whatever the sizes: one compiled variant per dtype and flags (tests compile them all).
 # A GAN block of 1024 fp64 elements over 4 warps keeps both terms' math in registers (4096 spilled ~12 KB).
-_MAX_BLOCK = 128 if _INTERPRETED else 1024  # the interpreter is slow with wide blocks
+_MAX_BLOCK = 128 if INTERPRETED else 1024  # the interpreter is slow with wide blocks
 _GAN_BLOCK = 1024
-
-
-@triton.jit
-def _log1p(e):
-    """log(1 + e) for e >= 0, with full relative precision for tiny e (the divisions never see 0)."""
-    u = 1.0 + e
-    exact = u == 1.0
-    return tl.where(exact, e, log(u) * (e / tl.where(exact, 1.0, u - 1.0)))
-
-
-@triton.jit
-def _expm1(x):
-    """exp(x) - 1 without the cancellation near x = 0 (the unused branch stays finite)."""
-    small = tl.abs(x) < 0.5
-    xs = tl.where(small, x, 0.25)
-    u = exp(xs)
-    exact = u == 1.0
-    near_zero = tl.where(exact, xs, (u - 1.0) * (xs / tl.where(exact, 1.0, log(u))))
-    return tl.where(small, near_zero, exp(x) - 1.0)
 
 
 @triton.jit
@@ -65,7 +43,7 @@ def _bce(x, t):
     its derivative sigmoid(x) - t."""
     e = exp(-tl.abs(x))
     sigmoid = tl.where(x >= 0.0, 1.0, e) / (1.0 + e)
-    return (1.0 - t) * x + _relu(-x) + _log1p(e), sigmoid - t
+    return (1.0 - t) * x + _relu(-x) + log1p(e), sigmoid - t
 
 
 @triton.jit
@@ -111,7 +89,7 @@ def _elbo_row_kernel(x_ptr, t_ptr, mu_ptr, lv_ptr, gx_ptr, gmu_ptr, glv_ptr, los
         # In fp64: latent rows are short, and fp32 terms would leave the KL's last bit to chance.
         mu = tl.load(mu_ptr + row * L + cols, mask=inside, other=0.0).to(tl.float64)
         lv = tl.load(lv_ptr + row * L + cols, mask=inside, other=0.0).to(tl.float64)
-        em1 = _expm1(lv)
+        em1 = expm1(lv)
         k_acc += em1 - lv + mu * mu  # 0 outside the row
         if NEED_GRAD:
             tl.store(gmu_ptr + row * L + cols, (mu * g_scale).to(gmu_ptr.dtype.element_ty), mask=inside)
@@ -168,10 +146,6 @@ def _finish_kernel(a_ptr, b_ptr, n, out0_ptr, out1_ptr, out2_ptr, wa: tl.float64
         tl.store(out2_ptr, (w2 * s_b).to(out2_ptr.dtype.element_ty))
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _finish(a: Tensor, b: Tensor, weights: tuple[float, float], terms: tuple[float, float] | None,
             dtype: torch.dtype) -> list[Tensor]:
     """[wa sum(a) + wb sum(b)], plus [w1 sum(a), w2 sum(b)] for terms (w1, w2): 0-d tensors in `dtype`."""
@@ -194,7 +168,7 @@ def losses_elbo_forward(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tenso
     if b > 0:
         _elbo_row_kernel[(b,)](recon, target, mu, logvar, *grads, loss, r, k, d, latent, beta, target_scale, g_scale,
                                RECON=recon_kind, NEED_GRAD=need_grad, PER_SAMPLE=per_sample,
-                               ACC=_acc(recon.dtype), BLOCK_D=_MAX_BLOCK, BLOCK_L=_MAX_BLOCK)
+                               ACC=math_type(recon.dtype), BLOCK_D=_MAX_BLOCK, BLOCK_L=_MAX_BLOCK)
     if not per_sample:
         loss, r, k = _finish(r, k, (g_scale, beta * g_scale), (g_scale, g_scale), recon.dtype)
     return (loss, r, k, *grads)

@@ -3,7 +3,7 @@
 Noise: eps[i] = lane i % 4 of the four Box-Muller normals of one Philox4x32-10 call with key = seed and
 counter = (offset_lo, offset_hi, g_lo, g_hi), g = i // 4 (csrc/common/philox.h). tl.philox takes the key
 low word first and runs the rounds of at::Philox4_32, so every backend draws the same bits. rng_state =
-(seed, offset = 0) comes from genfast.reference.new_rng_state: a fresh seed per forward, drawn on the
+(seed, offset = 0) comes from genfast.rng.new_rng_state: a fresh seed per forward, drawn on the
 device by torch.randint. The kernels load seed and offset from that tensor: no host sync, and a CUDA
 graph replays with whatever the tensor holds. Backward draws eps again from rng_state.
 
@@ -28,9 +28,8 @@ elements in row order in fp64, then the WIDTH lanes are added by a fixed pairwis
 Neither BLOCK_R nor num_warps changes the order, so the config cannot change the bits; tl.sum would
 reduce in an order that follows the layout. Terms are in
 the math type, the sum in fp64 and kl is fp64 for every input dtype (reparam.h says why). No atomics.
-expm1 is genfast.triton.losses._expm1: Kahan's (u - 1) x / log(u) for |x| < 0.5, where exp(x) - 1 would
-cancel; past 0.5, |exp(x) - 1| >= 1 - e^-0.5 = 0.39 and the subtraction loses less than a bit. exp, log,
-sinpi and cospi are genfast.triton._math's: CUDA's own (libdevice) when compiled, so eps has the CUDA kernel's values.
+exp, log, sinpi and cospi are genfast.triton._math's: CUDA's own (libdevice) when compiled, so eps has the
+CUDA kernel's values; expm1 is _math's too (Kahan's form, where exp(x) - 1 would cancel near 0).
 """
 
 from __future__ import annotations
@@ -42,9 +41,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from genfast.reference import KL_ROWS_DTYPE, new_rng_state
-from genfast.triton._math import cospi, exp, log, sinpi
-from genfast.triton.losses import _expm1
+from genfast.loss_terms import KL_ROWS_DTYPE
+from genfast.rng import new_rng_state
+from genfast.triton._math import cospi, exp, expm1, log, math_type, sinpi
 
 _LOG2_MAX_WIDTH = 7  # a row kernel's step covers at most 128 elements of a row (32 Philox groups)
 _MAX_TILE = 4096  # elements of a row kernel's (BLOCK_R, WIDTH) tile
@@ -138,7 +137,7 @@ def _kl_rows_kernel(mu_ptr, lv_ptr, z_ptr, kl_ptr, state_ptr, rows, cols, steps,
         inside = (offs >= lo[:, None]) & (offs < hi[:, None])
         mu = tl.load(mu_ptr + offs, mask=inside, other=0.0).to(ACC)
         lv = tl.load(lv_ptr + offs, mask=inside, other=0.0).to(ACC)
-        acc += tl.where(inside, (_expm1(lv) - lv) + mu * mu, 0.0).to(tl.float64)
+        acc += tl.where(inside, (expm1(lv) - lv) + mu * mu, 0.0).to(tl.float64)
         if SAMPLE:
             step_groups = groups[:, None] + tl.arange(0, GROUPS_W)[None, :]
             eps = tl.reshape(_normals(state_ptr, step_groups), (BLOCK_R, WIDTH)).to(ACC)
@@ -165,11 +164,7 @@ def _kl_backward_kernel(g_ptr, mu_ptr, lv_ptr, gmu_ptr, glv_ptr, rows, cols, ACC
         mu = tl.load(mu_ptr + offs, mask=inside, other=0.0).to(ACC)
         lv = tl.load(lv_ptr + offs, mask=inside, other=0.0).to(ACC)
         tl.store(gmu_ptr + offs, (g * mu).to(gmu_ptr.dtype.element_ty), mask=inside)
-        tl.store(glv_ptr + offs, (0.5 * g * _expm1(lv)).to(glv_ptr.dtype.element_ty), mask=inside)
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+        tl.store(glv_ptr + offs, (0.5 * g * expm1(lv)).to(glv_ptr.dtype.element_ty), mask=inside)
 
 
 def _log2(power_of_two: int) -> int:
@@ -188,7 +183,7 @@ def _sample(a: Tensor, logvar: Tensor, rng_state: Tensor, backward: bool, block:
     n = a.numel()
     if n:
         _launch(_sample_kernel, lambda b: triton.cdiv(n, 4 * b), (_SAMPLE_BLOCK, _SAMPLE_WARPS), block, "BLOCK", a,
-                logvar, out, rng_state, n, BACKWARD=backward, ACC=_acc(a.dtype))
+                logvar, out, rng_state, n, BACKWARD=backward, ACC=math_type(a.dtype))
     return out
 
 
@@ -204,7 +199,7 @@ def _kl_rows(mu: Tensor, logvar: Tensor, rng_state: Tensor | None, block: int | 
         log2_width = 2 + _log2(groups_w)
         _launch(_kl_rows_kernel, lambda b: triton.cdiv(rows, b), _row_block(log2_width, mu.dtype), block,
                 "BLOCK_R", mu, logvar, z, kl, rng_state, rows, cols, triton.cdiv(groups, groups_w),
-                SAMPLE=rng_state is not None, ACC=_acc(mu.dtype), LOG2_WIDTH=log2_width)
+                SAMPLE=rng_state is not None, ACC=math_type(mu.dtype), LOG2_WIDTH=log2_width)
     return z, kl
 
 
@@ -240,7 +235,7 @@ def kl_backward(grad_kl: Tensor, mu: Tensor, logvar: Tensor, *, block: int | Non
     if mu.numel():
         log2_width = min(_log2(triton.next_power_of_2(cols)), _LOG2_MAX_WIDTH)
         _launch(_kl_backward_kernel, lambda b: triton.cdiv(rows, b), _row_block(log2_width, mu.dtype), block,
-                "BLOCK_R", grad_kl, mu, logvar, grad_mu, grad_logvar, rows, cols, ACC=_acc(mu.dtype), LOG2_WIDTH=log2_width)
+                "BLOCK_R", grad_kl, mu, logvar, grad_mu, grad_logvar, rows, cols, ACC=math_type(mu.dtype), LOG2_WIDTH=log2_width)
     return grad_mu, grad_logvar
 
 
