@@ -78,8 +78,8 @@ def test_no_kernel_times_configs_again_for_a_new_batch_size_in_its_bucket():
     tuned = {f"{module.__name__}.{name}": kernel for module in (dense, losses, reparam)
              for name, kernel in vars(module).items() if isinstance(kernel, Autotuner)}
     assert set(tuned) == {"genfast.triton.dense._matmul_kernel"}, sorted(tuned)
-    assert all(key.endswith(("_bucket", "_k_major")) or key == "PRECISION" for key in dense._matmul_kernel.keys), \
-        dense._matmul_kernel.keys
+    assert all(key.endswith(("_bucket", "_k_major")) or key in ("aligned", "PRECISION")
+               for key in dense._matmul_kernel.keys), dense._matmul_kernel.keys
 
 
 # Every variant, compiled for the real targets by tests/triton_targets.py: one process per target, side by
@@ -150,6 +150,15 @@ def test_no_triton_variant_spills_or_uses_local_memory(compiled):
     spills = [f"sm_{r['capability']}: {_variant(r)}: {r['reg']} registers, stack {r['stack']} B, local {r['local']} B"
               for r in compiled if not _allowed(r)]
     assert not spills, "\n".join(spills)
+
+
+def test_aligned_and_unaligned_launches_of_one_bucket_are_tuned_apart():
+    """Unaligned operands take one small tile: keyed apart, a first unaligned launch (K = 783) cannot leave
+    that tile cached for the aligned launches of its bucket (K = 784), nor the reverse."""
+    from genfast.triton import dense
+
+    assert "aligned" in dense._matmul_kernel.keys
+    assert dense._aligned(784, 512, 784, 1, 1, 784, 512, 1) and not dense._aligned(783, 512, 783, 1, 1, 783, 512, 1)
 
 
 def test_kernels_take_exp_log_sin_cos_from_the_accurate_helpers():

@@ -61,10 +61,14 @@ def _operand_kind(args: dict, precision: str) -> str:
     dtype = args["a_ptr"].dtype
     if dtype == torch.float64:
         return "fp64"
-    sizes = ("K", "N", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn")
-    if any(args[name] % 16 and args[name] != 1 for name in sizes):
+    if not args["aligned"]:
         return "unaligned"
     return "ieee" if dtype == torch.float32 and precision == "ieee" else "mma"
+
+
+def _aligned(*sizes: int) -> bool:
+    """Whether every size and stride is 1 or divisible by 16 (what Triton's specialization vectorizes)."""
+    return all(size % 16 == 0 or size == 1 for size in sizes)
 
 
 def _configs() -> list[triton.Config]:
@@ -140,17 +144,19 @@ def _act_derivative(s, ACT: tl.constexpr):
         return 1.0 - s * s
 
 
-# Tuned per power-of-two bucket of each size, per operand layout (the *_bucket / *_k_major arguments, read
-# by the autotuner only) and per precision (the dtypes are part of every key): a new batch size within a
-# bucket neither times configs again nor, first seen inside CUDA-graph capture, fails there.
-@triton.autotune(configs=_configs(), key=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major", "PRECISION"],
+# Tuned per power-of-two bucket of each size, per operand layout and alignment (the *_bucket, *_k_major and
+# aligned arguments, read by the autotuner only) and per precision (the dtypes are part of every key): a new
+# batch size within a bucket neither times configs again nor, first seen inside CUDA-graph capture, fails
+# there; an unaligned launch never leaves its small tile to the aligned launches of its bucket.
+@triton.autotune(configs=_configs(),
+                 key=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major", "aligned", "PRECISION"],
                  prune_configs_by={"early_config_prune": _configs_for_operands})
 # The tuning keys and the bias flag are plain values, not specialized (Triton would compile a variant per
 # value equal to 1 or divisible by 16): the bias is one uniform branch of the epilogue.
-@triton.jit(do_not_specialize=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major", "has_bias"])
+@triton.jit(do_not_specialize=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major", "aligned", "has_bias"])
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_grid, stride_am, stride_ak,
                    stride_bk, stride_bn, stride_cm, stride_cn, row_bytes, slope: tl.float64,
-                   m_bucket, n_bucket, k_bucket, a_k_major, b_k_major, has_bias, ACT: tl.constexpr,
+                   m_bucket, n_bucket, k_bucket, a_k_major, b_k_major, aligned, has_bias, ACT: tl.constexpr,
                    SAVES: tl.constexpr, PRECISION: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
@@ -252,7 +258,8 @@ def _matmul(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, act: 
     _matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)](
         a, b, out, out if bias is None else bias, z, mask, m, n, k, cols, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), row_bytes, slope, *map(triton.next_power_of_2, (m, n, k)),
-        int(a.stride(1) == 1), int(b.stride(0) == 1), int(bias is not None),
+        int(a.stride(1) == 1), int(b.stride(0) == 1), int(_aligned(k, n, *a.stride(), *b.stride(), *out.stride())),
+        int(bias is not None),
         ACT=act, SAVES=saves, PRECISION=precision, ACC=acc)
     return out
 
