@@ -106,7 +106,10 @@ def run_bench(arguments: list[str]) -> int:
         return 2
     # The working directory stays the caller's: relative --out and --render paths mean what they typed.
     path = os.pathsep.join(filter(None, (str(tree), os.environ.get("PYTHONPATH"))))
-    return subprocess.run([sys.executable, "-m", "benchmarks", *arguments],
+    # -P (Python 3.11+): the caller's working directory is not put first on the path, so a benchmarks/ or
+    # genfast/ folder there cannot shadow the checkout's.
+    isolate = ["-P"] if sys.version_info >= (3, 11) else []
+    return subprocess.run([sys.executable, *isolate, "-m", "benchmarks", *arguments],
                           env={**os.environ, "PYTHONPATH": path}).returncode
 
 

@@ -211,6 +211,10 @@ def test_python_m_genfast_exits_nonzero_on_a_bad_path(tmp_path):
 def test_cli_bench_runs_the_suite_of_the_checkout_from_anywhere_without_touching_sys_path(
         tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)  # not the checkout: the suite is found from genfast's own location
+    decoy = tmp_path / "benchmarks"  # a folder of that name where the user stands must not shadow the suite
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("")
+    (decoy / "__main__.py").write_text("raise SystemExit('the decoy ran')\n")
     path = list(sys.path)
     assert cli.main(["bench", "--help"]) == 0
     assert "--quick" in capfd.readouterr().out

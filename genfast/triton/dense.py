@@ -11,8 +11,8 @@ e(MK + NK + N + MN), plus B mask bytes or e*MN for z; the epilogue adds no pass 
 grad_y and saved (B or e*MN) and writes dz (e*MN, skipped for "none"), then the GEMMs read dz, weight
 and x and write grad_x (e*MK) and grad_weight (e*NK).
 GEMMs accumulate in fp32 (fp64 for fp64 inputs); fp32 inputs use TF32 when
-torch.backends.cuda.matmul.allow_tf32 is set, IEEE fp32 otherwise. erf and tanh are written from exp (one code path for the
-interpreter, which has no libdevice): fp32-accurate (relative error ~1e-7), also for fp64 inputs.
+torch.backends.cuda.matmul.allow_tf32 is set, IEEE fp32 otherwise. erf and tanh are written from exp (one
+code path for the interpreter, which has no libdevice): fp32-accurate (relative error ~1e-7), also for fp64.
 exp, log and sigmoid are genfast.triton._math's (accurate when compiled, unlike tl.exp).
 """
 
@@ -66,9 +66,12 @@ def _operand_kind(args: dict, precision: str) -> str:
     return "ieee" if dtype == torch.float32 and precision == "ieee" else "mma"
 
 
-def _aligned(*sizes: int) -> bool:
-    """Whether every size and stride is 1 or divisible by 16 (what Triton's specialization vectorizes)."""
-    return all(size % 16 == 0 or size == 1 for size in sizes)
+def _aligned(a: Tensor, b: Tensor, out: Tensor) -> bool:
+    """Whether a (M, K) @ b (K, N) -> out loads and stores vectorize as Triton specializes them: every operand
+    16-byte aligned, K, N and every stride 1 or divisible by 16 (M only bounds rows: it does not count)."""
+    sizes = (a.shape[1], b.shape[1], *a.stride(), *b.stride(), *out.stride())
+    return (all(t.data_ptr() % 16 == 0 for t in (a, b, out))
+            and all(size % 16 == 0 or size == 1 for size in sizes))
 
 
 def _configs() -> list[triton.Config]:
@@ -152,7 +155,7 @@ def _act_derivative(s, ACT: tl.constexpr):
                  key=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major", "aligned", "PRECISION"],
                  prune_configs_by={"early_config_prune": _configs_for_operands})
 # The tuning keys and the bias flag are plain values, not specialized (Triton would compile a variant per
-# value equal to 1 or divisible by 16): the bias is one uniform branch of the epilogue.
+# value equal to 1 or divisible by 16).
 @triton.jit(do_not_specialize=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major", "aligned", "has_bias"])
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_grid, stride_am, stride_ak,
                    stride_bk, stride_bn, stride_cm, stride_cn, row_bytes, slope: tl.float64,
@@ -258,7 +261,7 @@ def _matmul(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, act: 
     _matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)](
         a, b, out, out if bias is None else bias, z, mask, m, n, k, cols, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), row_bytes, slope, *map(triton.next_power_of_2, (m, n, k)),
-        int(a.stride(1) == 1), int(b.stride(0) == 1), int(_aligned(k, n, *a.stride(), *b.stride(), *out.stride())),
+        int(a.stride(1) == 1), int(b.stride(0) == 1), int(_aligned(a, b, out)),
         int(bias is not None),
         ACT=act, SAVES=saves, PRECISION=precision, ACC=acc)
     return out
