@@ -76,7 +76,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("activation_codes", &activation_codes);
   m.def("dense_forward_cpu", &genfast::dense_forward_cpu);
   m.def("dense_backward_cpu", &genfast::dense_backward_cpu);
-  m.def("dense_eager", &genfast::dense_eager);
+  m.def("dense_node", &genfast::dense_node);
+  m.def("set_dense_double_backward", &genfast::set_dense_double_backward);
   m.def("reparam_forward_cpu", &genfast::reparam_forward_cpu);
   m.def("reparam_backward_cpu", &genfast::reparam_backward_cpu);
   m.def("kl_forward_cpu", &genfast::kl_forward_cpu);

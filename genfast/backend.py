@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib.util
 import os
 import warnings
@@ -121,29 +120,3 @@ def available_backends() -> list[str]:
     """Backends usable right now on some device of this machine."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return [b for b in BACKENDS if any(why_unusable(b, d) is None for d in devices)]
-
-
-def kernel(family: str, step: str, device: torch.device, module: str | None = None):
-    """The `step` ("forward"/"backward") function of op `family` on the selected backend.
-
-    Every backend names it the same way: ``genfast.reference.<family>_<step>``,
-    ``genfast.triton.<module>.<family>_<step>``, ``genfast._C.<family>_<step>_<cpu|cuda>``; the Triton
-    module is the family's own unless `module` names the op family's module (kl lives in reparam).
-    """
-    return kernel_of(select(device), family, step, module)
-
-
-def kernel_of(name: str, family: str, step: str, module: str | None = None):
-    """The `step` function of op `family` on backend `name` (a backward runs where its forward ran)."""
-    return _kernel(family, step, name, module or family)
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel(family: str, step: str, name: str, module: str):
-    if name == "reference":
-        from genfast import reference
-
-        return getattr(reference, f"{family}_{step}")
-    if name == "triton":
-        return getattr(importlib.import_module(f"genfast.triton.{module}"), f"{family}_{step}")
-    return getattr(_extension._C, f"{family}_{step}_{name}")

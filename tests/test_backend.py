@@ -86,26 +86,23 @@ def test_asyncio_tasks_keep_their_own_pins():
 def test_backward_runs_where_its_forward_ran(op, monkeypatch):
     """Backward on another thread (as autograd's device threads run it) or outside the pin's block."""
     require_backend("cpu", "cpu")
-    from genfast import reference
+    from genfast.ops import dense, reparam
 
     calls = []
-    for name in ("dense_backward", "reparam_backward", "kl_backward"):
-        original = getattr(reference, name)
-        monkeypatch.setattr(reference, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    genfast.backend._kernel.cache_clear()
-    try:
-        a, b = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
-        with genfast.use_backend("reference"):
-            if op == "dense":
-                out = genfast.fused_dense(a, b, None, activation="tanh")
-            elif op == "reparameterize":
-                out = genfast.reparameterize(a, b)
-            else:
-                out = genfast.kl_divergence(a, b)
-        thread = threading.Thread(target=lambda: out.sum().backward())
-        thread.start()
-        thread.join()
-        assert len(calls) == 1, "backward must run on the forward's backend (reference), not the thread's default"
-        assert a.grad is not None
-    finally:
-        genfast.backend._kernel.cache_clear()
+    for backward_op in (dense.BACKWARD, reparam.SAMPLE_BACKWARD, reparam.KL_BACKWARD):
+        kernel = backward_op.kernel("reference")
+        monkeypatch.setitem(backward_op._resolved, "reference",
+                            lambda *a, _f=kernel, _n=backward_op.name: calls.append(_n) or _f(*a))
+    a, b = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    with genfast.use_backend("reference"):
+        if op == "dense":
+            out = genfast.fused_dense(a, b, None, activation="tanh")
+        elif op == "reparameterize":
+            out = genfast.reparameterize(a, b)
+        else:
+            out = genfast.kl_divergence(a, b)
+    thread = threading.Thread(target=lambda: out.sum().backward())
+    thread.start()
+    thread.join()
+    assert len(calls) == 1, "backward must run on the forward's backend (reference), not the thread's default"
+    assert a.grad is not None

@@ -113,16 +113,19 @@ def test_environment_variable_naming_an_unusable_backend_raises_at_the_op(value,
     assert result.returncode != 0 and words in result.stderr, result.stderr[-2000:]
 
 
-def test_eager_calls_on_the_compiled_backends_take_the_cpp_entry_and_others_the_python_layer(monkeypatch):
+def test_eager_calls_with_gradients_on_the_compiled_backends_take_the_cpp_node(monkeypatch):
     from genfast import _extension
 
     require_backend("cpu", "cpu")
     calls = []
-    entry = _extension._C.dense_eager
-    monkeypatch.setattr(_extension._C, "dense_eager", lambda *a: calls.append(a) or entry(*a))
-    x, w, b = inputs()
+    node = _extension._C.dense_node
+    monkeypatch.setattr(_extension._C, "dense_node", lambda *a: calls.append(a) or node(*a))
+    x, w, b = (t.requires_grad_() for t in inputs())
     torch.testing.assert_close(genfast.fused_dense(x, w, b), reference.fused_dense(x, w, b))
-    assert len(calls) == 1, "an unpinned CPU call must run the C++ eager entry"
+    assert len(calls) == 1, "an unpinned CPU call that needs gradients must run the C++ autograd node"
+    with torch.no_grad():
+        genfast.fused_dense(x, w, b)
+    assert len(calls) == 1, "a call without gradients runs the kernel alone"
     with genfast.use_backend("reference"):
         genfast.fused_dense(x, w, b)
     assert len(calls) == 1, "a call pinned to reference must not"

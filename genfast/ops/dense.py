@@ -1,7 +1,8 @@
-"""genfast::fused_dense: y = act(x @ weight^T + bias), one custom op forward and one backward.
+"""genfast::fused_dense: y = act(x @ weight^T + bias), and genfast::fused_dense_backward.
 
 Backward saves the least it can (activations.py says what): a bit mask for relu/leaky_relu, y for
-sigmoid/tanh, z for gelu/gelu_tanh/silu, nothing for none; plus x and weight for the GEMMs.
+sigmoid/tanh, z for gelu/gelu_tanh/silu, nothing for none; plus x and weight for the GEMMs. Eager calls
+on the cpu and cuda backends take the op's C++ autograd node (csrc/dense/dense_autograd.cpp).
 """
 
 from __future__ import annotations
@@ -11,27 +12,25 @@ import math
 import torch
 from torch import Tensor
 
-from genfast import _extension, backend, reference
+from genfast import reference
+from genfast._extension import _C
 from genfast.activations import ACTIVATIONS, get_activation, mask_row_bytes
 from genfast.ops import _route
 from genfast.ops._checks import autocast_dtype, check_same, check_shape, check_tensor
+from genfast.ops._op import Kernels, Op
+
+
+def _triton():  # imported on first use: Triton is optional
+    from genfast.triton import dense
+
+    return dense
+
 
 _SAVES = {a.code: a.saves for a in ACTIVATIONS.values()}
 _NAMES = {a.code: a.name for a in ACTIVATIONS.values()}
-# Backends whose eager calls go through genfast._C.dense_eager (a C++ autograd node, see
-# csrc/dense/dense_autograd.cpp) rather than _EagerFusedDense.
-_COMPILED = ("cpu", "cuda")
 
 
-@torch.library.custom_op("genfast::fused_dense", mutates_args=())
-def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: int, slope: float) -> tuple[Tensor, Tensor]:
-    forward = backend.kernel("dense", "forward", x.device)
-    return tuple(forward(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-                         act, slope))
-
-
-@_forward.register_fake
-def _(x, weight, bias, act, slope):
+def _forward_fake(x, weight, bias, act, slope):
     m, n = x.shape[0], weight.shape[0]
     saves = _SAVES[act]
     if saves == "mask":
@@ -43,73 +42,67 @@ def _(x, weight, bias, act, slope):
     return x.new_empty((m, n)), aux
 
 
-@torch.library.custom_op("genfast::fused_dense_backward", mutates_args=())
-def _backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act: int, slope: float,
-              need_x: bool, need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    backward = backend.kernel("dense", "backward", x.device)
-    return tuple(backward(grad_y.contiguous(), x.contiguous(), weight.contiguous(), saved.contiguous(),
-                          act, slope, need_x, need_w, need_b))
-
-
-@_backward.register_fake
-def _(grad_y, x, weight, saved, act, slope, need_x, need_w, need_b):
-    # a distinct empty tensor for each gradient not needed: a custom op's outputs may not alias
+def _backward_fake(grad_y, x, weight, saved, act, slope, need_x, need_w, need_b):
+    # a distinct empty tensor for each gradient not needed: an op's outputs may not alias
     return (x.new_empty(x.shape if need_x else 0), weight.new_empty(weight.shape if need_w else 0),
             weight.new_empty(weight.shape[0] if need_b else 0))
 
 
-def _saved_for_backward(act: int, y: Tensor, aux: Tensor) -> Tensor:
-    return y if _SAVES[act] == "output" else aux
-
-
-def _setup_context(ctx, inputs, output):
+def _setup(ctx, inputs, output) -> None:
     x, weight, bias, act, slope = inputs
+    y, aux = output
     # bias (a reference, no memory) only for a backward that builds a graph: it recomputes from x, w, b.
-    ctx.save_for_backward(x, weight, _saved_for_backward(act, *output), bias)
+    ctx.save_for_backward(x, weight, y if _SAVES[act] == "output" else aux, bias)
     ctx.act, ctx.slope = act, slope
 
 
-def _gradients(ctx, grad_y, backward):
+def _needs(ctx, bias: Tensor | None) -> tuple[bool, bool, bool]:
+    return ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None
+
+
+def _backward(ctx, grad_y, _grad_aux):
     x, weight, saved, bias = ctx.saved_tensors
-    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
-    if torch.is_grad_enabled():
-        grads = _gradients_with_graph(grad_y, (x, weight, bias), need, ctx.act, ctx.slope)
-    else:
-        grads = backward(grad_y.contiguous(), x, weight, saved, ctx.act, ctx.slope, *need)
+    need = _needs(ctx, bias)
+    if grad_y is None:
+        return (None,) * 5
+    grads = BACKWARD.run(ctx.backend, grad_y, x, weight, saved, ctx.act, ctx.slope, *need)
     return tuple(g if n else None for g, n in zip(grads, need)) + (None, None)
 
 
-def _gradients_with_graph(grad_y, inputs, need, act, slope):
+def _graph_gradients(grad_y, x, weight, bias, need, act, slope):
     """backward(create_graph=True), as gradient penalties (R1, WGAN-GP) call it: the kernels' gradients
-    would be constants to autograd, so differentiate the reference expression instead, graph and all."""
-    y = reference.fused_dense(*inputs, _NAMES[act], slope)
+    would be constants to autograd, so differentiate the reference expression instead, graph and all.
+    Also the C++ node's rule (it calls this function)."""
+    inputs = (x, weight, bias)
+    y = reference.fused_dense(x, weight, bias, _NAMES[act], slope)
     grads = iter(torch.autograd.grad(y, [t for t, n in zip(inputs, need) if n], grad_y, create_graph=True))
     return tuple(next(grads) if n else None for n in need)
 
 
-_forward.register_autograd(lambda ctx, grad_y, _grad_aux: _gradients(ctx, grad_y, _backward),
-                           setup_context=_setup_context)
+def _double_backward(ctx, grad_y, _grad_aux):
+    x, weight, _, bias = ctx.saved_tensors
+    if grad_y is None:
+        return (None,) * 5
+    return _graph_gradients(grad_y, x, weight, bias, _needs(ctx, bias), ctx.act, ctx.slope) + (None, None)
 
 
-class _EagerFusedDense(torch.autograd.Function):
-    """The same kernels and saved tensors as the custom op, for eager mode only.
+BACKWARD = Op(
+    "fused_dense_backward",
+    "(Tensor grad_y, Tensor x, Tensor weight, Tensor saved, int act, float slope, bool need_x, bool need_w, "
+    "bool need_b) -> (Tensor, Tensor, Tensor)",
+    Kernels(reference=reference.dense_backward, cpu=lambda: _C.dense_backward_cpu,
+            cuda=lambda: _C.dense_backward_cuda, triton=lambda: _triton().dense_backward),
+    _backward_fake)
 
-    torch.library's Python dispatch of a custom op costs ~120 us per forward + backward on the CPU,
-    more than the whole kernel of a small layer; an autograd.Function costs a fraction of that.
-    Under torch.compile the custom op runs instead, so the compiler sees one opaque op.
-    """
+FORWARD = Op(
+    "fused_dense", "(Tensor x, Tensor weight, Tensor? bias, int act, float slope) -> (Tensor, Tensor)",
+    Kernels(reference=reference.dense_forward, cpu=lambda: _C.dense_forward_cpu,
+            cuda=lambda: _C.dense_forward_cuda, triton=lambda: _triton().dense_forward),
+    _forward_fake, setup=_setup, backward=_backward, double_backward=_double_backward, nondifferentiable=(1,),
+    cpp_node=lambda: _C.dense_node)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, act, slope):
-        ctx.backend = backend.select(x.device)  # backward runs there too, whichever thread runs it
-        y, aux = backend.kernel_of(ctx.backend, "dense", "forward")(x, weight, bias, act, slope)
-        ctx.mark_non_differentiable(aux)
-        _setup_context(ctx, (x, weight, bias, act, slope), (y, aux))
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        return _gradients(ctx, grad_y, backend.kernel_of(ctx.backend, "dense", "backward"))
+if _C is not None:
+    _C.set_dense_double_backward(_graph_gradients)
 
 
 def _check_inputs(x, weight, bias) -> None:
@@ -127,14 +120,6 @@ def _check_inputs(x, weight, bias) -> None:
         check_shape("bias", bias, (weight.shape[0],))
 
 
-def _takes_cpp_entry(x, weight, bias) -> bool:
-    """Eager call on a compiled backend: the C++ entry checks the tensors (anything else, and every
-    other path, is checked here in Python, so non-tensors get the same clear errors)."""
-    return (isinstance(x, Tensor) and isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))
-            and backend.select(x.device) in _COMPILED and not _route.traced()
-            and not _route.plain_math(x, weight, bias))
-
-
 def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "relu",
                 negative_slope: float = 0.01) -> Tensor:
     """y = act(x @ weight^T + bias) in one fused op, forward and backward.
@@ -150,8 +135,6 @@ def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activatio
         (..., out_features) in x's dtype (the autocast dtype under autocast).
     """
     act = get_activation(activation)
-    if _takes_cpp_entry(x, weight, bias):
-        return _extension._C.dense_eager(x, weight, bias, act.code, float(negative_slope))
     _check_inputs(x, weight, bias)
     dtype = autocast_dtype(x.device)
     if dtype is not None:
@@ -160,11 +143,10 @@ def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activatio
     check_same(("x", "weight", "bias"), (x, weight, bias))
     if _route.plain_math(x, weight, bias):
         return reference.fused_dense(x, weight, bias, act.name, float(negative_slope))
+    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+    if x.dim() == 2:  # a reshape is an autograd node of its own (~1 us each way): only where needed
+        return FORWARD(x.contiguous(), weight, bias, act.code, float(negative_slope))[0]
     # Rows spelled out rather than -1: with in_features == 0 there is nothing to infer -1 from.
     x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
-    weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
-    if _route.traced():
-        y, _ = _forward(x2d, weight, bias, act.code, float(negative_slope))
-    else:
-        y = _EagerFusedDense.apply(x2d, weight, bias, act.code, float(negative_slope))
+    y = FORWARD(x2d, weight, bias, act.code, float(negative_slope))[0]
     return y.view(*x.shape[:-1], weight.shape[0])

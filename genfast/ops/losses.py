@@ -13,7 +13,8 @@ import numbers
 import torch
 from torch import Tensor
 
-from genfast import backend, reference
+from genfast import reference
+from genfast._extension import _C
 from genfast.loss_terms import (
     GAN_KINDS,
     NO_TERM,
@@ -25,10 +26,16 @@ from genfast.loss_terms import (
     real_term,
 )
 from genfast.ops import _route
-from genfast.ops._autograd import no_double_backward, plus
 from genfast.ops._checks import FLOAT_DTYPES, check_same, check_tensor
+from genfast.ops._op import Kernels, Op, plus
 
 _NONE = REDUCTIONS["none"]
+
+
+def _triton():  # imported on first use: Triton is optional
+    from genfast.triton import losses
+
+    return losses
 
 
 # Why a gradient of these gradients raises, in the error.
@@ -39,16 +46,7 @@ _SAVED_GRADIENT = ("its backward scales a gradient saved by the forward kernel. 
 # ---------------------------------------------------------------------------------------------------
 # ELBO
 
-@torch.library.custom_op("genfast::elbo_loss", mutates_args=())
-def _elbo(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float, recon_kind: int, reduction: int,
-          target_scale: float, need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    forward = backend.kernel("losses", "elbo_forward", recon.device)
-    return tuple(forward(*(t.contiguous() for t in (recon, target, mu, logvar)), beta, recon_kind, reduction,
-                         target_scale, need_grad))
-
-
-@_elbo.register_fake
-def _(recon, target, mu, logvar, beta, recon_kind, reduction, target_scale, need_grad):
+def _elbo_fake(recon, target, mu, logvar, beta, recon_kind, reduction, target_scale, need_grad):
     shape = (recon.shape[0],) if reduction == _NONE else ()
     grads = [t.new_empty(t.shape if need_grad else (0,)) for t in (recon, mu, logvar)]
     return (recon.new_empty(shape), recon.new_empty(shape), recon.new_empty(shape), *grads)
@@ -77,21 +75,14 @@ def _elbo_gradients(ctx, grad_loss, grad_recon_term, grad_kl_term, *_):
             _per_sample_times(saved_logvar, on_kl) if need_logvar else None, None, None, None, None, None)
 
 
-_elbo_backward = no_double_backward("elbo_loss", _SAVED_GRADIENT)(_elbo_gradients)
-_elbo.register_autograd(_elbo_backward, setup_context=_elbo_setup)
-
-
-class _EagerElbo(torch.autograd.Function):
-    """The same kernel as the custom op, for eager mode: torch.library's Python dispatch costs more
-    than the whole kernel on small inputs. Under torch.compile the custom op runs instead."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = backend.kernel("losses", "elbo_forward", inputs[0].device)(*inputs)
-        _elbo_setup(ctx, inputs, output)
-        return tuple(output[:3])
-
-    backward = staticmethod(_elbo_backward)
+ELBO = Op(
+    "elbo_loss",
+    "(Tensor recon, Tensor target, Tensor mu, Tensor logvar, float beta, int recon_kind, int reduction, "
+    "float target_scale, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    Kernels(reference=reference.losses_elbo_forward, cpu=lambda: _C.losses_elbo_forward_cpu,
+            cuda=lambda: _C.losses_elbo_forward_cuda, triton=lambda: _triton().losses_elbo_forward),
+    _elbo_fake, setup=_elbo_setup, backward=_elbo_gradients, double_backward=_SAVED_GRADIENT,
+    nondifferentiable=(3, 4, 5))
 
 
 def _check_elbo_inputs(recon, target, mu, logvar) -> None:
@@ -175,29 +166,14 @@ def elbo_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: f
     if target.dtype == torch.bool:
         target = target.view(torch.uint8)
     args = (*(t.flatten(1).contiguous() for t in (recon, target, mu, logvar)), beta, kind, red, target_scale)
-    need_grad = _need_grad(recon, mu, logvar)
-    if _route.traced():
-        terms = _elbo(*args, need_grad)[:3]
-    elif need_grad:
-        terms = _EagerElbo.apply(*args, True)
-    else:
-        terms = backend.kernel("losses", "elbo_forward", recon.device)(*args, False)[:3]
+    terms = ELBO(*args, _need_grad(recon, mu, logvar))[:3]
     return tuple(terms) if return_terms else terms[0]
 
 
 # ---------------------------------------------------------------------------------------------------
 # GAN
 
-@torch.library.custom_op("genfast::gan_loss", mutates_args=())
-def _gan(first: Tensor, second: Tensor, term0: int, param0: float, term1: int, param1: float, reduction: int,
-         need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    forward = backend.kernel("losses", "gan_forward", first.device)
-    return tuple(forward(first.contiguous(), second.contiguous(), term0, param0, term1, param1, reduction,
-                         need_grad))
-
-
-@_gan.register_fake
-def _(first, second, term0, param0, term1, param1, reduction, need_grad):
+def _gan_fake(first, second, term0, param0, term1, param1, reduction, need_grad):
     grads = [t.new_empty(t.shape if need_grad else (0,)) for t in (first, second)]
     return (first.new_empty(first.shape if reduction == _NONE else ()), *grads)
 
@@ -208,24 +184,20 @@ def _gan_setup(ctx, inputs, output) -> None:
 
 def _gan_gradients(ctx, grad_loss, *_):
     # The tensors are 1-D here: grad_loss is a scalar or, for "none", one value per element.
+    if grad_loss is None:
+        return (None,) * 8
     return tuple(saved * grad_loss if need else None
                  for saved, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])) + (None,) * 6
 
 
-_gan_backward = no_double_backward("GAN loss", _SAVED_GRADIENT)(_gan_gradients)
-_gan.register_autograd(_gan_backward, setup_context=_gan_setup)
-
-
-class _EagerGan(torch.autograd.Function):
-    """The custom op's kernel and backward for eager mode (see _EagerElbo)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = backend.kernel("losses", "gan_forward", inputs[0].device)(*inputs)
-        _gan_setup(ctx, inputs, output)
-        return output[0]
-
-    backward = staticmethod(_gan_backward)
+GAN = Op(
+    "gan_loss",
+    "(Tensor first, Tensor second, int term0, float param0, int term1, float param1, int reduction, "
+    "bool need_grad) -> (Tensor, Tensor, Tensor)",
+    Kernels(reference=reference.losses_gan_forward, cpu=lambda: _C.losses_gan_forward_cpu,
+            cuda=lambda: _C.losses_gan_forward_cuda, triton=lambda: _triton().losses_gan_forward),
+    _gan_fake, setup=_gan_setup, backward=_gan_gradients, double_backward=_SAVED_GRADIENT,
+    nondifferentiable=(1, 2))
 
 
 def _gan_loss(first: Tensor, second: Tensor | None, terms: tuple[Term, Term], reduction: str) -> Tensor:
@@ -234,13 +206,7 @@ def _gan_loss(first: Tensor, second: Tensor | None, terms: tuple[Term, Term], re
     shape = first.shape
     flat = [first.reshape(-1).contiguous(), first.new_empty(0) if second is None else second.reshape(-1).contiguous()]
     args = (*flat, terms[0].code, float(terms[0].param), terms[1].code, float(terms[1].param), red)
-    need_grad = _need_grad(*flat)
-    if _route.traced():
-        loss = _gan(*args, need_grad)[0]
-    elif need_grad:
-        loss = _EagerGan.apply(*args, True)
-    else:
-        loss = backend.kernel("losses", "gan_forward", first.device)(*args, False)[0]
+    loss = GAN(*args, _need_grad(*flat))[0]
     return loss.view(shape) if reduction == "none" else loss
 
 
