@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "common/activations.h"
+#include "common/python_rules.h"
 #include "dense/dense.h"
 #include "losses/losses.h"
 #include "reparam/reparam.h"
@@ -73,11 +74,11 @@ pybind11::dict loss_codes() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "genfast kernels (internal: use the genfast package)";
   m.def("build_info", &build_info);
+  m.def("set_double_backward", &genfast::set_double_backward);
   m.def("activation_codes", &activation_codes);
   m.def("dense_forward_cpu", &genfast::dense_forward_cpu);
   m.def("dense_backward_cpu", &genfast::dense_backward_cpu);
   m.def("dense_node", &genfast::dense_node);
-  m.def("set_dense_double_backward", &genfast::set_dense_double_backward);
   m.def("reparam_forward_cpu", &genfast::reparam_forward_cpu);
   m.def("reparam_backward_cpu", &genfast::reparam_backward_cpu);
   m.def("kl_forward_cpu", &genfast::kl_forward_cpu);
@@ -96,6 +97,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("loss_codes", &loss_codes);
   m.def("losses_elbo_forward_cpu", &genfast::losses_elbo_forward_cpu);
   m.def("losses_gan_forward_cpu", &genfast::losses_gan_forward_cpu);
+  m.def("elbo_node", &genfast::elbo_node);
+  m.def("gan_node", &genfast::gan_node);
 #ifdef GENFAST_WITH_CUDA
   m.def("losses_elbo_forward_cuda", &genfast::losses_elbo_forward_cuda);
   m.def("losses_gan_forward_cuda", &genfast::losses_gan_forward_cuda);

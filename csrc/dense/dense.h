@@ -27,11 +27,10 @@ std::vector<at::Tensor> dense_backward_cpu(const at::Tensor& grad_y, const at::T
                                            bool need_b);
 
 // genfast::fused_dense's eager autograd node (dense_autograd.cpp): forward's arguments and outputs, on the
-// cpu or cuda kernels by x's device; backward(create_graph=True) calls the rule given to
-// set_dense_double_backward(rule), rule(grad_y, x, weight, bias, (need_x, need_w, need_b), act, slope).
+// cpu or cuda kernels by x's device; backward(create_graph=True) calls the op's Python rule
+// (common/python_rules.h) as rule(grad_y, x, weight, bias, (need_x, need_w, need_b), act, slope).
 std::vector<at::Tensor> dense_node(const at::Tensor& x, const at::Tensor& weight,
                                    const c10::optional<at::Tensor>& bias, int64_t act, double slope);
-void set_dense_double_backward(pybind11::function rule);
 
 #ifdef GENFAST_WITH_CUDA
 std::vector<at::Tensor> dense_forward_cuda(const at::Tensor& x, const at::Tensor& weight,

@@ -2,11 +2,12 @@
 // and cuda backends here, through genfast/ops/_op.py): the same arguments, outputs and saved tensors as
 // the op, one C++ call and one autograd node, where the Python autograd.Function costs ~6 us more per
 // call, more than a small layer's whole kernel. Inputs come checked, 2-D and contiguous from Python.
-// backward(create_graph=True) calls the op's Python double-backward rule: it is defined once, there.
+// backward(create_graph=True) calls the op's Python rule (common/python_rules.h): defined once, there.
 #include <torch/autograd.h>
 #include <torch/extension.h>
 
 #include "common/activations.h"
+#include "common/python_rules.h"
 #include "dense/dense.h"
 
 namespace genfast {
@@ -14,9 +15,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// Set once at import (set_dense_double_backward); never freed, as the module that holds it.
-pybind11::object* double_backward_rule = nullptr;
 
 std::vector<at::Tensor> forward_kernel(const at::Tensor& x, const at::Tensor& weight,
                                        const c10::optional<at::Tensor>& bias, int64_t act, double slope) {
@@ -37,11 +35,12 @@ std::vector<at::Tensor> backward_kernel(const at::Tensor& grad_y, const at::Tens
 
 std::vector<at::Tensor> gradients_with_graph(const at::Tensor& grad_y, const variable_list& saved,
                                              const std::vector<bool>& need, int64_t act, double slope) {
-  TORCH_CHECK(double_backward_rule != nullptr, "genfast: fused_dense's double-backward rule was not set");
-  pybind11::gil_scoped_acquire gil;
+  pybind11::gil_scoped_acquire gil;  // held until the Python objects below are gone
   const c10::optional<at::Tensor> bias = saved[3].defined() ? c10::optional<at::Tensor>(saved[3]) : c10::nullopt;
-  const pybind11::tuple grads = (*double_backward_rule)(grad_y, saved[0], saved[1], bias,
-                                                        pybind11::make_tuple(need[0], need[1], need[2]), act, slope);
+  const pybind11::object result = call_double_backward("fused_dense", grad_y, saved[0], saved[1], bias,
+                                                       std::make_tuple(bool(need[0]), bool(need[1]), bool(need[2])),
+                                                       act, slope);
+  const pybind11::tuple grads = result;
   std::vector<at::Tensor> out(3);
   for (size_t i = 0; i < 3; ++i) {
     if (!grads[i].is_none()) out[i] = grads[i].cast<at::Tensor>();
@@ -88,7 +87,5 @@ std::vector<at::Tensor> dense_node(const at::Tensor& x, const at::Tensor& weight
                                    const c10::optional<at::Tensor>& bias, int64_t act, double slope) {
   return FusedDense::apply(x, weight, bias, act, slope);
 }
-
-void set_dense_double_backward(pybind11::function rule) { double_backward_rule = new pybind11::object(rule); }
 
 }  // namespace genfast

@@ -56,6 +56,15 @@ std::vector<at::Tensor> losses_gan_forward_cpu(const at::Tensor& first, const at
                                                int64_t term0, double param0, int64_t term1, double param1,
                                                int64_t reduction, bool need_grad);
 
+// The eager autograd nodes of genfast::elbo_loss and genfast::gan_loss (losses_autograd.cpp): the ops'
+// arguments and outputs, on the cpu or cuda kernel by the first tensor's device; backward scales the
+// saved gradients as genfast/ops/losses.py's rule does.
+std::vector<at::Tensor> elbo_node(const at::Tensor& recon, const at::Tensor& target, const at::Tensor& mu,
+                                  const at::Tensor& logvar, double beta, int64_t recon_kind, int64_t reduction,
+                                  double target_scale, bool need_grad);
+std::vector<at::Tensor> gan_node(const at::Tensor& first, const at::Tensor& second, int64_t term0, double param0,
+                                 int64_t term1, double param1, int64_t reduction, bool need_grad);
+
 #ifdef GENFAST_WITH_CUDA
 std::vector<at::Tensor> losses_elbo_forward_cuda(const at::Tensor& recon, const at::Tensor& target,
                                                  const at::Tensor& mu, const at::Tensor& logvar, double beta,

@@ -4,7 +4,8 @@ An ``Op`` is registered once as ``genfast::<name>`` (``torch.library.define``: o
 including those whose ``Generator?`` argument rules out ``custom_op``), with its fake, its kernel on
 each backend and one autograd rule: ``setup(ctx, inputs, outputs)`` saves what backward needs,
 ``backward(ctx, *grads)`` returns one gradient per input, ``double_backward`` is either a rule for
-``create_graph=True`` or the reason there is none. Calling the Op routes the call:
+``create_graph=True`` or the reason there is none (a C++ node calls ``cpp_double_backward``, the same rule in
+the node's arguments, or takes the message of the error from Python). Calling the Op routes the call:
 
 - traced (``torch.compile``, ``torch.jit.trace``): the registered op, so the graph holds ``genfast::<name>``
   and AOTAutograd sees the same autograd rule;
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from genfast import backend
+from genfast._extension import _C
 from genfast.ops import _route
 
 Kernel = Callable[..., object]
@@ -47,7 +49,7 @@ class Op:
     def __init__(self, name: str, schema: str, kernels: Kernels, fake: Callable, *, setup: Callable | None = None,
                  backward: Callable | None = None, double_backward: Callable | str | None = None,
                  nondifferentiable: Sequence[int] = (), cpp_node: Callable[[], Kernel] | None = None,
-                 tags: Sequence[torch.Tag] = ()):
+                 cpp_double_backward: Callable | None = None, tags: Sequence[torch.Tag] = ()):
         self.name = name
         self._kernels = kernels
         self._resolved: dict[str, Kernel] = {"reference": kernels.reference}
@@ -64,6 +66,10 @@ class Op:
         # The dispatcher leaves out trailing arguments at their default (a None generator); kernels take all.
         self._defaults = tuple(a.default_value for a in self.op._schema.arguments)
         self._function = _eager_function(self) if backward is not None else None
+        if cpp_node is not None and _C is not None:
+            # The C++ node's create_graph backward: the op's graph-building rule in the node's arguments,
+            # or the message of the error to raise.
+            _C.set_double_backward(name, cpp_double_backward or self._no_double_backward)
 
     # ----------------------------------------------------------------------------------------------
     # Routes
@@ -112,9 +118,12 @@ class Op:
         if torch.is_grad_enabled():  # backward(create_graph=True); AOTAutograd traces backward without grad
             if callable(self._double_backward):
                 return self._double_backward(ctx, *grads)
-            raise RuntimeError(f"genfast {self.name} has no double backward (backward with create_graph=True)"
-                               + (f": {self._double_backward}" if self._double_backward else ""))
+            raise RuntimeError(self._no_double_backward())
         return self._backward(ctx, *grads)
+
+    def _no_double_backward(self) -> str:
+        return (f"genfast {self.name} has no double backward (backward with create_graph=True)"
+                + (f": {self._double_backward}" if self._double_backward else ""))
 
 
 def plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:

@@ -99,10 +99,7 @@ FORWARD = Op(
     Kernels(reference=reference.dense_forward, cpu=lambda: _C.dense_forward_cpu,
             cuda=lambda: _C.dense_forward_cuda, triton=lambda: _triton().dense_forward),
     _forward_fake, setup=_setup, backward=_backward, double_backward=_double_backward, nondifferentiable=(1,),
-    cpp_node=lambda: _C.dense_node)
-
-if _C is not None:
-    _C.set_dense_double_backward(_graph_gradients)
+    cpp_node=lambda: _C.dense_node, cpp_double_backward=_graph_gradients)
 
 
 def _check_inputs(x, weight, bias) -> None:

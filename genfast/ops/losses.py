@@ -82,7 +82,7 @@ ELBO = Op(
     Kernels(reference=reference.losses_elbo_forward, cpu=lambda: _C.losses_elbo_forward_cpu,
             cuda=lambda: _C.losses_elbo_forward_cuda, triton=lambda: _triton().losses_elbo_forward),
     _elbo_fake, setup=_elbo_setup, backward=_elbo_gradients, double_backward=_SAVED_GRADIENT,
-    nondifferentiable=(3, 4, 5))
+    nondifferentiable=(3, 4, 5), cpp_node=lambda: _C.elbo_node)
 
 
 def _check_elbo_inputs(recon, target, mu, logvar) -> None:
@@ -197,7 +197,7 @@ GAN = Op(
     Kernels(reference=reference.losses_gan_forward, cpu=lambda: _C.losses_gan_forward_cpu,
             cuda=lambda: _C.losses_gan_forward_cuda, triton=lambda: _triton().losses_gan_forward),
     _gan_fake, setup=_gan_setup, backward=_gan_gradients, double_backward=_SAVED_GRADIENT,
-    nondifferentiable=(1, 2))
+    nondifferentiable=(1, 2), cpp_node=lambda: _C.gan_node)
 
 
 def _gan_loss(first: Tensor, second: Tensor | None, terms: tuple[Term, Term], reduction: str) -> Tensor:
