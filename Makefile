@@ -9,11 +9,29 @@ TORCH_VERSION ?= 2.14.1
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+CPP_SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu')
+# The formatters' versions are pinned: another version may format the same code differently.
+LINTERS := ruff==0.17.6 clang-format==23.1.5
 
-.PHONY: test bench gpu-check wheel cmake-check clean
+.PHONY: test lint format bench gpu-check wheel cmake-check clean
 
 test: $(VENV)/.built
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Lint and formatting: ruff (pyproject.toml's config) on the Python, clang-format (.clang-format) on csrc/.
+lint: $(VENV)/.linters
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CPP_SOURCES)
+
+format: $(VENV)/.linters
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CPP_SOURCES)
+
+$(VENV)/.linters: $(VENV)/.deps
+	$(PY) -m pip install $(LINTERS)
+	touch $@
 
 bench: $(VENV)/.built
 	$(PY) -m genfast bench $(BENCH_ARGS)

@@ -37,17 +37,13 @@ pybind11::dict build_info() {
   return info;
 }
 
-pybind11::dict activation_codes() {
-  using genfast::Act;
+// name -> (code, what backward saves), from activations.h's list: tests/test_build.py checks it against
+// genfast/activations.py.
+pybind11::dict activation_table() {
   pybind11::dict codes;
-  codes["none"] = static_cast<int>(Act::None);
-  codes["relu"] = static_cast<int>(Act::Relu);
-  codes["leaky_relu"] = static_cast<int>(Act::LeakyRelu);
-  codes["gelu"] = static_cast<int>(Act::Gelu);
-  codes["gelu_tanh"] = static_cast<int>(Act::GeluTanh);
-  codes["silu"] = static_cast<int>(Act::Silu);
-  codes["sigmoid"] = static_cast<int>(Act::Sigmoid);
-  codes["tanh"] = static_cast<int>(Act::Tanh);
+#define GENFAST_ACT_CODE(e, code, name, saves) codes[name] = pybind11::make_tuple(code, #saves);
+  GENFAST_ACTIVATIONS(GENFAST_ACT_CODE)
+#undef GENFAST_ACT_CODE
   return codes;
 }
 
@@ -75,7 +71,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "genfast kernels (internal: use the genfast package)";
   m.def("build_info", &build_info);
   m.def("set_double_backward", &genfast::set_double_backward);
-  m.def("activation_codes", &activation_codes);
+  m.def("activation_table", &activation_table);
   m.def("dense_forward_cpu", &genfast::dense_forward_cpu);
   m.def("dense_backward_cpu", &genfast::dense_backward_cpu);
   m.def("dense_node", &genfast::dense_node);

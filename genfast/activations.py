@@ -1,7 +1,7 @@
 """The one table of activations, shared by every backend.
 
 Each entry gives the activation's integer code (the same numbers are used by the C++/CUDA
-functors in ``csrc/common/activations.h`` and by the Triton kernels; a test checks they agree),
+math in ``csrc/common/activations.h`` and by ``genfast/triton/activations.py``; a test checks they agree),
 its reference forward, and what the backward of a fused layer must save to compute the
 derivative with the least memory:
 
@@ -9,7 +9,7 @@ derivative with the least memory:
   PyTorch's own comparisons: relu's backward zeroes where ``z <= 0``, so a NaN z passes the gradient;
   leaky_relu's passes where ``z > 0``, so a NaN z gets the slope; packed as ``mask_row_bytes`` says;
 - ``"output"``: the activation's output ``y`` (sigmoid, tanh: the derivative is a function of y);
-- ``"preact"``: the pre-activation ``z`` (gelu, gelu_tanh, silu);
+- ``"preact"``: the pre-activation ``z`` (gelu, gelu_tanh, silu, softplus, mish);
 - ``"none"``: nothing (identity).
 """
 
@@ -24,6 +24,7 @@ from torch import Tensor
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_TANH_CUBIC = 0.044715
+SOFTPLUS_THRESHOLD = 20.0  # softplus(z) = z above it: PyTorch's default (beta 1), the only one genfast fuses
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,15 @@ def _gelu_derivative(z: Tensor, _: float) -> Tensor:
 def _silu_derivative(z: Tensor, _: float) -> Tensor:
     s = torch.sigmoid(z)
     return s * (1.0 + z * (1.0 - s))
+
+
+def _softplus_derivative(z: Tensor, _: float) -> Tensor:
+    return torch.where(z > SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(z))
+
+
+def _mish_derivative(z: Tensor, _: float) -> Tensor:
+    t = torch.tanh(torch.nn.functional.softplus(z))
+    return t + z * torch.sigmoid(z) * (1.0 - t * t)
 
 
 ACTIVATIONS: dict[str, Activation] = {
@@ -95,6 +105,14 @@ ACTIVATIONS: dict[str, Activation] = {
             "tanh", 7, "output", lambda z, _: torch.tanh(z),
             lambda y, _: 1.0 - y * y, torch.nn.Tanh,
         ),
+        Activation(
+            "softplus", 8, "preact", lambda z, _: torch.nn.functional.softplus(z),
+            _softplus_derivative, torch.nn.Softplus,
+        ),
+        Activation(
+            "mish", 9, "preact", lambda z, _: torch.nn.functional.mish(z),
+            _mish_derivative, torch.nn.Mish,
+        ),
     )
 }
 
@@ -123,6 +141,8 @@ def activation_from_module(module: torch.nn.Module) -> tuple[str, float] | None:
         return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), 0.01
     if isinstance(module, torch.nn.LeakyReLU):
         return "leaky_relu", float(module.negative_slope)
+    if isinstance(module, torch.nn.Softplus) and (module.beta != 1 or module.threshold != SOFTPLUS_THRESHOLD):
+        return None  # genfast's softplus is PyTorch's default one
     for act in ACTIVATIONS.values():
         if act.module is not None and type(module) is act.module:
             return act.name, 0.01

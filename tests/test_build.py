@@ -30,8 +30,9 @@ def test_build_info_reports_what_was_built():
 
 
 @pytest.mark.skipif(_extension._C is None, reason="genfast._C is not built")
-def test_cpp_activation_codes_are_the_python_table():
-    assert _extension._C.activation_codes() == {name: a.code for name, a in ACTIVATIONS.items()}
+def test_cpp_activation_list_is_the_python_table():
+    table = {name: (code, saves.lower()) for name, (code, saves) in _extension._C.activation_table().items()}
+    assert table == {name: (a.code, a.saves) for name, a in ACTIVATIONS.items()}
 
 
 @pytest.mark.skipif(_extension._C is None, reason="genfast._C is not built")

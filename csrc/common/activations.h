@@ -1,6 +1,8 @@
-// Activation functors shared by the CPU and CUDA kernels. The codes mirror the one table in
-// genfast/activations.py (tests/test_build.py checks they agree). Math is done in float (or
-// double for double inputs): callers convert half/bfloat16 to float first.
+// The activations of the C++ and CUDA kernels: their one list and their one math, used by the cpu
+// kernels (on at::vec::Vectorized lanes, csrc/common/cpu_math.h's VecMath) and the cuda kernels (on
+// float or double, ScalarMath, host and device). The codes mirror the one table in
+// genfast/activations.py (tests/test_build.py checks they agree). Half/bfloat16 callers convert to float
+// first. Adding an activation here: one line in GENFAST_ACTIVATIONS, its forward and derivative below.
 #pragma once
 
 #include <cmath>
@@ -14,48 +16,101 @@
 
 namespace genfast {
 
-enum class Act : int {
-  None = 0,
-  Relu = 1,
-  LeakyRelu = 2,
-  Gelu = 3,
-  GeluTanh = 4,
-  Silu = 5,
-  Sigmoid = 6,
-  Tanh = 7,
-};
-constexpr int kNumActivations = 8;
+// X(enumerator, code, name in genfast/activations.py, what backward saves).
+#define GENFAST_ACTIVATIONS(X)        \
+  X(None, 0, "none", None)            \
+  X(Relu, 1, "relu", Mask)            \
+  X(LeakyRelu, 2, "leaky_relu", Mask) \
+  X(Gelu, 3, "gelu", Preact)          \
+  X(GeluTanh, 4, "gelu_tanh", Preact) \
+  X(Silu, 5, "silu", Preact)          \
+  X(Sigmoid, 6, "sigmoid", Output)    \
+  X(Tanh, 7, "tanh", Output)          \
+  X(Softplus, 8, "softplus", Preact)  \
+  X(Mish, 9, "mish", Preact)
 
-// What backward needs, by activation (same as Activation.saves in Python).
+#define GENFAST_ACT_ENUM(e, code, name, saves) e = code,
+enum class Act : int { GENFAST_ACTIVATIONS(GENFAST_ACT_ENUM) };
+#undef GENFAST_ACT_ENUM
+
+#define GENFAST_ACT_COUNT(e, code, name, saves) +1
+constexpr int kNumActivations = 0 GENFAST_ACTIVATIONS(GENFAST_ACT_COUNT);
+#undef GENFAST_ACT_COUNT
+
+// What backward needs, by activation (Activation.saves in Python): nothing, one bit per element (set
+// where the gradient passes unscaled), the output y, or the pre-activation z.
 enum class Saves : int { None = 0, Mask = 1, Output = 2, Preact = 3 };
 
 GENFAST_HD constexpr Saves saves_of(Act a) {
+#define GENFAST_ACT_SAVES(e, code, name, saves) \
+  if (a == Act::e) return Saves::saves;
+  GENFAST_ACTIVATIONS(GENFAST_ACT_SAVES)
+#undef GENFAST_ACT_SAVES
+  return Saves::None;
+}
+
+template <Act A>
+using ActTag = std::integral_constant<Act, A>;
+
+// Calls f(ActTag<a>{}): each activation gets its own instantiation of a loop or kernel (host code).
+template <typename F>
+void dispatch_act(Act a, F&& f) {
   switch (a) {
-    case Act::Relu:
-    case Act::LeakyRelu: return Saves::Mask;
-    case Act::Sigmoid:
-    case Act::Tanh: return Saves::Output;
-    case Act::Gelu:
-    case Act::GeluTanh:
-    case Act::Silu: return Saves::Preact;
-    default: return Saves::None;
+#define GENFAST_ACT_CASE(e, code, name, saves) \
+  case Act::e: return f(ActTag<Act::e>{});
+    GENFAST_ACTIVATIONS(GENFAST_ACT_CASE)
+#undef GENFAST_ACT_CASE
   }
 }
 
-template <typename T>
+// The math functions an activation uses, on float or double (host and device). cpu_math.h's VecMath
+// gives the same functions on Vectorized lanes, so the formulas below serve both.
+struct ScalarMath {
+  template <typename T>
+  static GENFAST_HD T exp(T x) {
+    return ::exp(x);
+  }
+  template <typename T>
+  static GENFAST_HD T log1p(T x) {
+    return ::log1p(x);
+  }
+  template <typename T>
+  static GENFAST_HD T erf(T x) {
+    return ::erf(x);
+  }
+  template <typename T>
+  static GENFAST_HD T tanh(T x) {
+    return ::tanh(x);
+  }
+  template <typename T>
+  static GENFAST_HD T select(bool c, T a, T b) {
+    return c ? a : b;
+  }
+};
+
+// softplus with PyTorch's defaults (beta 1, threshold 20): z itself above the threshold, where
+// log1p(exp(z)) equals z to double precision (and exp(z) could overflow).
+constexpr double kSoftplusThreshold = 20.0;
+
+template <typename M, typename T>
+GENFAST_HD T softplus(T z) {
+  return M::select(z > T(kSoftplusThreshold), z, M::log1p(M::exp(z)));
+}
+
+// y = act(z). NaN stays NaN (relu: "z < 0" is false for NaN), as in eager PyTorch.
+template <typename M = ScalarMath, typename T>
 GENFAST_HD T act_forward(Act a, T z, T slope) {
-  const T half = T(0.5), one = T(1);
+  const T half(0.5), one(1), zero(0);
   switch (a) {
-    case Act::Relu: return z > T(0) ? z : T(0);
-    case Act::LeakyRelu: return z > T(0) ? z : z * slope;
-    case Act::Gelu: return half * z * (one + erf(z * T(0.70710678118654752440)));
-    case Act::GeluTanh: {
-      const T inner = T(0.79788456080286535588) * (z + T(0.044715) * z * z * z);
-      return half * z * (one + tanh(inner));
-    }
-    case Act::Silu: return z / (one + exp(-z));
-    case Act::Sigmoid: return one / (one + exp(-z));
-    case Act::Tanh: return tanh(z);
+    case Act::Relu: return M::select(z < zero, zero, z);
+    case Act::LeakyRelu: return M::select(z > zero, z, z * slope);
+    case Act::Gelu: return half * z * (one + M::erf(z * T(0.70710678118654752440)));
+    case Act::GeluTanh: return half * z * (one + M::tanh(T(0.79788456080286535588) * (z + T(0.044715) * z * z * z)));
+    case Act::Silu: return z / (one + M::exp(zero - z));
+    case Act::Sigmoid: return one / (one + M::exp(zero - z));
+    case Act::Tanh: return M::tanh(z);
+    case Act::Softplus: return softplus<M>(z);
+    case Act::Mish: return z * M::tanh(softplus<M>(z));
     default: return z;
   }
 }
@@ -69,52 +124,43 @@ GENFAST_HD bool mask_bit(Act a, T z) {
 }
 
 // dy/dz from what was saved: `s` is z (Preact), y (Output) or 1/0 for the mask bit (Mask).
-template <typename T>
+template <typename M = ScalarMath, typename T>
 GENFAST_HD T act_derivative(Act a, T s, T slope) {
-  const T half = T(0.5), one = T(1);
+  const T half(0.5), one(1), zero(0);
   switch (a) {
-    case Act::Relu: return s != T(0) ? one : T(0);
-    case Act::LeakyRelu: return s != T(0) ? one : slope;
+    case Act::Relu: return M::select(s != zero, one, zero);
+    case Act::LeakyRelu: return M::select(s != zero, one, slope);
     case Act::Gelu: {
-      const T cdf = half * (one + erf(s * T(0.70710678118654752440)));
-      const T pdf = exp(-half * s * s) * T(0.39894228040143267794);
-      return cdf + s * pdf;
+      const T cdf = half * (one + M::erf(s * T(0.70710678118654752440)));
+      return cdf + s * M::exp(zero - half * s * s) * T(0.39894228040143267794);
     }
     case Act::GeluTanh: {
-      const T k = T(0.79788456080286535588), c = T(0.044715);
-      const T t = tanh(k * (s + c * s * s * s));
+      const T k(0.79788456080286535588), c(0.044715);
+      const T t = M::tanh(k * (s + c * s * s * s));
       return half * (one + t) + half * s * (one - t * t) * k * (one + T(3) * c * s * s);
     }
     case Act::Silu: {
-      const T sig = one / (one + exp(-s));
+      const T sig = one / (one + M::exp(zero - s));
       return sig * (one + s * (one - sig));
     }
     case Act::Sigmoid: return s * (one - s);
     case Act::Tanh: return one - s * s;
+    case Act::Softplus: {  // eager's softplus_backward: e^z / (e^z + 1) below the threshold
+      const T e = M::exp(s);
+      return M::select(s > T(kSoftplusThreshold), one, e / (e + one));
+    }
+    case Act::Mish: {  // eager's mish_backward: tanh(sp) + z sigmoid(z) (1 - tanh(sp)^2), sp = softplus(z)
+      const T t = M::tanh(softplus<M>(s));
+      return t + s * (one / (one + M::exp(zero - s))) * (one - t * t);
+    }
     default: return one;
-  }
-}
-
-template <Act A>
-using ActTag = std::integral_constant<Act, A>;
-
-// Calls f(ActTag<a>{}): each activation gets its own instantiation of a loop or kernel (host code).
-template <typename F>
-void dispatch_act(Act a, F&& f) {
-  switch (a) {
-    case Act::Relu: return f(ActTag<Act::Relu>{});
-    case Act::LeakyRelu: return f(ActTag<Act::LeakyRelu>{});
-    case Act::Gelu: return f(ActTag<Act::Gelu>{});
-    case Act::GeluTanh: return f(ActTag<Act::GeluTanh>{});
-    case Act::Silu: return f(ActTag<Act::Silu>{});
-    case Act::Sigmoid: return f(ActTag<Act::Sigmoid>{});
-    case Act::Tanh: return f(ActTag<Act::Tanh>{});
-    default: return f(ActTag<Act::None>{});
   }
 }
 
 // Bytes per row of the packed relu mask: one bit per output feature, rows padded to 128 bits
 // (the layout cuBLASLt's RELU_AUX epilogues use), bit j of a row in byte j / 8, bit j % 8.
-GENFAST_HD constexpr long long mask_row_bytes(long long n) { return (n + 127) / 128 * 16; }
+GENFAST_HD constexpr long long mask_row_bytes(long long n) {
+  return (n + 127) / 128 * 16;
+}
 
 }  // namespace genfast

@@ -1,5 +1,6 @@
-// Vectorized helpers of the CPU kernels (losses, reparam): conversion to the math type in small
-// buffers, lane-wise sums in double, and the Gaussian KL of one row with its gradient.
+// Vectorized helpers of the CPU kernels (dense, losses, reparam): the activations' math functions on
+// Vectorized lanes, conversion to the math type in small buffers, lane-wise sums in double, and the
+// Gaussian KL of one row with its gradient.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -14,6 +15,31 @@ namespace cpu_math {
 
 using at::vec::Vectorized;
 constexpr int64_t kChunk = 256;  // elements per conversion buffer (half, bfloat16, uint8 -> float)
+
+// activations.h's math functions on Vectorized<float> or Vectorized<double> lanes (SLEEF where ATen uses
+// it), so act_forward<VecMath> / act_derivative<VecMath> run the one formula of each activation on vectors.
+struct VecMath {
+  template <typename V>
+  static V exp(const V& x) {
+    return x.exp();
+  }
+  template <typename V>
+  static V log1p(const V& x) {
+    return x.log1p();
+  }
+  template <typename V>
+  static V erf(const V& x) {
+    return x.erf();
+  }
+  template <typename V>
+  static V tanh(const V& x) {
+    return x.tanh();
+  }
+  template <typename V>
+  static V select(const V& c, const V& a, const V& b) {
+    return V::blendv(b, a, c);
+  }  // c: a comparison's lanes
+};
 
 // `len` values of src in the math type: src itself when it already is, else converted into buf and
 // multiplied by scale (uint8 pixels 0..255 -> 0..1 with scale 1/255).

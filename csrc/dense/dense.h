@@ -19,27 +19,23 @@
 namespace genfast {
 
 std::vector<at::Tensor> dense_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                          const c10::optional<at::Tensor>& bias, int64_t act,
-                                          double slope);
-std::vector<at::Tensor> dense_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
-                                           const at::Tensor& weight, const at::Tensor& saved,
-                                           int64_t act, double slope, bool need_x, bool need_w,
+                                          const c10::optional<at::Tensor>& bias, int64_t act, double slope);
+std::vector<at::Tensor> dense_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                           const at::Tensor& saved, int64_t act, double slope, bool need_x, bool need_w,
                                            bool need_b);
 
 // genfast::fused_dense's eager autograd node (dense_autograd.cpp): forward's arguments and outputs, on the
 // cpu or cuda kernels by x's device; backward(create_graph=True) calls the op's Python rule
 // (common/python_rules.h) as rule(grad_y, x, weight, bias, (need_x, need_w, need_b), act, slope).
-std::vector<at::Tensor> dense_node(const at::Tensor& x, const at::Tensor& weight,
-                                   const c10::optional<at::Tensor>& bias, int64_t act, double slope);
+std::vector<at::Tensor> dense_node(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                   int64_t act, double slope);
 
 #ifdef GENFAST_WITH_CUDA
 std::vector<at::Tensor> dense_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                           const c10::optional<at::Tensor>& bias, int64_t act,
-                                           double slope);
-std::vector<at::Tensor> dense_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
-                                            const at::Tensor& weight, const at::Tensor& saved,
-                                            int64_t act, double slope, bool need_x, bool need_w,
-                                            bool need_b);
+                                           const c10::optional<at::Tensor>& bias, int64_t act, double slope);
+std::vector<at::Tensor> dense_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                            const at::Tensor& saved, int64_t act, double slope, bool need_x,
+                                            bool need_w, bool need_b);
 #endif
 
 }  // namespace genfast

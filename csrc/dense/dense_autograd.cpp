@@ -25,8 +25,8 @@ std::vector<at::Tensor> forward_kernel(const at::Tensor& x, const at::Tensor& we
 }
 
 std::vector<at::Tensor> backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                                        const at::Tensor& saved, int64_t act, double slope, bool need_x,
-                                        bool need_w, bool need_b) {
+                                        const at::Tensor& saved, int64_t act, double slope, bool need_x, bool need_w,
+                                        bool need_b) {
 #ifdef GENFAST_WITH_CUDA
   if (x.is_cuda()) return dense_backward_cuda(grad_y, x, weight, saved, act, slope, need_x, need_w, need_b);
 #endif
@@ -37,9 +37,9 @@ std::vector<at::Tensor> gradients_with_graph(const at::Tensor& grad_y, const var
                                              const std::vector<bool>& need, int64_t act, double slope) {
   pybind11::gil_scoped_acquire gil;  // held until the Python objects below are gone
   const c10::optional<at::Tensor> bias = saved[3].defined() ? c10::optional<at::Tensor>(saved[3]) : c10::nullopt;
-  const pybind11::object result = call_double_backward("fused_dense", grad_y, saved[0], saved[1], bias,
-                                                       std::make_tuple(bool(need[0]), bool(need[1]), bool(need[2])),
-                                                       act, slope);
+  const pybind11::object result =
+      call_double_backward("fused_dense", grad_y, saved[0], saved[1], bias,
+                           std::make_tuple(bool(need[0]), bool(need[1]), bool(need[2])), act, slope);
   const pybind11::tuple grads = result;
   std::vector<at::Tensor> out(3);
   for (size_t i = 0; i < 3; ++i) {
@@ -71,20 +71,19 @@ struct FusedDense : public torch::autograd::Function<FusedDense> {
     const double slope = ctx->saved_data["slope"].toDouble();
     std::vector<at::Tensor> g(3);
     if (grads[0].defined()) {
-      g = torch::autograd::GradMode::is_enabled()
-              ? gradients_with_graph(grads[0], saved, need, act, slope)
-              : backward_kernel(grads[0].contiguous(), saved[0], saved[1], saved[2], act, slope, need[0], need[1],
-                                need[2]);
+      g = torch::autograd::GradMode::is_enabled() ? gradients_with_graph(grads[0], saved, need, act, slope)
+                                                  : backward_kernel(grads[0].contiguous(), saved[0], saved[1], saved[2],
+                                                                    act, slope, need[0], need[1], need[2]);
     }
-    return {need[0] ? g[0] : at::Tensor(), need[1] ? g[1] : at::Tensor(), need[2] ? g[2] : at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    return {need[0] ? g[0] : at::Tensor(), need[1] ? g[1] : at::Tensor(), need[2] ? g[2] : at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
 }  // namespace
 
-std::vector<at::Tensor> dense_node(const at::Tensor& x, const at::Tensor& weight,
-                                   const c10::optional<at::Tensor>& bias, int64_t act, double slope) {
+std::vector<at::Tensor> dense_node(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                   int64_t act, double slope) {
   return FusedDense::apply(x, weight, bias, act, slope);
 }
 

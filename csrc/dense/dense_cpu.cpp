@@ -1,9 +1,9 @@
 // CPU backend of the fused dense layer (contract and math in dense.h).
 // The GEMM, bias included, goes through ATen (MKL/oneDNN). The epilogue, activation + mask bits, is
-// one vectorized pass over the GEMM's output, row by row (in place unless z must be kept).
-// Backward computes dz = grad_y * act'(saved) and the bias gradient in one pass (mask, sigmoid, tanh,
-// none; rows summed in fixed blocks, so the bias gradient never depends on the threads), or through
-// ATen's gelu/silu backward and a sum; then the two GEMMs through ATen.
+// one vectorized pass over the GEMM's output, row by row (in place unless z must be kept), with the
+// activation math of common/activations.h on Vectorized lanes.
+// Backward computes dz = grad_y * act'(saved) and the bias gradient in one pass (rows summed in fixed
+// blocks, so the bias gradient never depends on the threads); then the two GEMMs through ATen.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -15,33 +15,16 @@
 
 #include "common/activations.h"
 #include "common/checks.h"
+#include "common/cpu_math.h"
 #include "dense/dense.h"
 
 namespace genfast {
 namespace {
 
 using at::vec::Vectorized;
+using cpu_math::VecMath;
 constexpr int64_t kChunk = 512;    // half/bf16 columns converted to float at a time (multiple of 8)
 constexpr int64_t kRowBlock = 64;  // rows per bias-gradient partial sum: fixed, never the thread count
-
-// The activations this file computes itself, vectorized (activations.h holds the scalar math):
-// relu/leaky_relu forward, whose fused pass also writes the mask bits, and the derivatives that need
-// no transcendental function. gelu, gelu_tanh, silu, sigmoid and tanh themselves, and the derivatives
-// of gelu, gelu_tanh and silu, are ATen's own kernels (see dense_forward_cpu / dense_backward_cpu):
-// their wider vectors beat these AVX2 ones, and there is nothing left to fuse once the GEMM adds the bias.
-template <Act A, typename V>
-V vec_forward(V z, V slope) {
-  static_assert(A == Act::Relu || A == Act::LeakyRelu, "other activations run through ATen");
-  if constexpr (A == Act::Relu) return at::vec::clamp_min(z, V(0));
-  else return V::blendv(z * slope, z, z > V(0));
-}
-
-template <Act A, typename V>
-V vec_derivative(V y) {  // from the output y
-  static_assert(A == Act::Sigmoid || A == Act::Tanh, "other derivatives come from the mask or ATen");
-  if constexpr (A == Act::Sigmoid) return y * (V(1) - y);
-  else return V(1) - y * y;
-}
 
 // Bit t of the result is mask_bit(A, lane t of z) (activations.h): relu's "not z <= 0" sets it for
 // NaN, leaky_relu's "z > 0" does not. Lanes holding 0 give 0 either way.
@@ -155,7 +138,7 @@ void forward_row(const acc_t* z_in, uint8_t* mask, int64_t mask_bytes, acc_t* y,
     for (int64_t k = 0; k < 8; k += lanes) {
       const V z = V::loadu(z_in + j + k);
       bits |= mask_bits<A>(z) << k;
-      vec_forward<A>(z, vslope).store(y + j + k);
+      act_forward<VecMath>(A, z, vslope).store(y + j + k);
     }
     mask[j / 8] = uint8_t(bits);
   }
@@ -165,7 +148,7 @@ void forward_row(const acc_t* z_in, uint8_t* mask, int64_t mask_bytes, acc_t* y,
       const int64_t len = std::min<int64_t>(lanes, n - k);
       const V z = V::loadu(z_in + k, len);
       bits |= (mask_bits<A>(z) & ((1u << len) - 1)) << (k - j);
-      vec_forward<A>(z, vslope).store(y + k, len);
+      act_forward<VecMath>(A, z, vslope).store(y + k, len);
     }
     mask[j / 8] = uint8_t(bits);
   }
@@ -183,22 +166,21 @@ void backward_row(const acc_t* g, const acc_t* s, const uint8_t* mask, acc_t* dz
     const int64_t len = std::min<int64_t>(V::size(), n - j);
     V d = V::loadu(g + j, len);
     if constexpr (saves_of(A) == Saves::Mask) d = d * mask_factor<acc_t>(mask, j, masked);
-    if constexpr (saves_of(A) == Saves::Output) d = d * vec_derivative<A>(V::loadu(s + j, len));
+    if constexpr (saves_of(A) == Saves::Output || saves_of(A) == Saves::Preact)
+      d = d * act_derivative<VecMath>(A, V::loadu(s + j, len), V(slope));
     if (dz) d.store(dz + j, len);
     if (partial) (V::loadu(partial + j, len) + d).store(partial + j, len);
   }
 }
 
-// dispatch_act for the activations this file's passes handle (see vec_forward / vec_derivative).
-template <typename F>
-void dispatch_fused(Act a, F&& f) {
-  switch (a) {
-    case Act::Relu: return f(ActTag<Act::Relu>{});
-    case Act::LeakyRelu: return f(ActTag<Act::LeakyRelu>{});
-    case Act::Sigmoid: return f(ActTag<Act::Sigmoid>{});
-    case Act::Tanh: return f(ActTag<Act::Tanh>{});
-    case Act::None: return f(ActTag<Act::None>{});
-    default: TORCH_CHECK(false, "genfast dense cpu: activation ", int(a), " has no fused pass here");
+// One row of y = act(z) in the math type (activations that save z or y). y may be z (in place).
+template <Act A, typename acc_t>
+void activation_row(const acc_t* z, acc_t* y, int64_t n, acc_t slope) {
+  using V = Vectorized<acc_t>;
+  const V vslope(slope);
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t len = std::min<int64_t>(V::size(), n - j);
+    act_forward<VecMath>(A, V::loadu(z + j, len), vslope).store(y + j, len);
   }
 }
 
@@ -208,38 +190,56 @@ void forward_epilogue(at::Tensor& z, at::Tensor& y, at::Tensor& aux, Act act, do
   const int64_t m = z.size(0), n = z.size(1), row_bytes = mask_row_bytes(n);
   scalar_t* zp = z.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
-  uint8_t* mask = aux.data_ptr<uint8_t>();  // relu/leaky_relu only: they save mask bits
+  uint8_t* mask = saves_of(act) == Saves::Mask ? aux.data_ptr<uint8_t>() : nullptr;
   const acc_t s = static_cast<acc_t>(slope);
   const bool avx512 = use_avx512();
-  dispatch_fused(act, [&](auto tag) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));  // rows
+  dispatch_act(act, [&](auto tag) {
     constexpr Act A = decltype(tag)::value;
-    if constexpr (saves_of(A) == Saves::Mask) at::parallel_for(0, m, std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        scalar_t* zr = zp + i * n;
-        uint8_t* mr = mask + i * row_bytes;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (avx512) relu_row_avx512(zr, mr, row_bytes, yp + i * n, n, s, A == Act::LeakyRelu);
-          else forward_row<A>(zr, mr, row_bytes, yp + i * n, n, s);
-        } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          forward_row<A>(zr, mr, row_bytes, yp + i * n, n, s);
-        } else {  // half/bfloat16: convert chunk by chunk
-          acc_t buf[kChunk];
-          for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-            const int64_t len = std::min(kChunk, n - j0);
-            at::vec::convert(zr + j0, buf, len);
-            const int64_t bytes = j0 + len < n ? len / 8 : row_bytes - j0 / 8;
-            forward_row<A>(buf, mr + j0 / 8, bytes, buf, len, s);
-            at::vec::convert(buf, yp + i * n + j0, len);
+    if constexpr (saves_of(A) == Saves::Output || saves_of(A) == Saves::Preact)
+      at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            activation_row<A>(zp + i * n, yp + i * n, n, s);
+          } else {  // half/bfloat16: convert chunk by chunk
+            acc_t buf[kChunk];
+            for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+              const int64_t len = std::min(kChunk, n - j0);
+              at::vec::convert(zp + i * n + j0, buf, len);
+              activation_row<A>(buf, buf, len, s);
+              at::vec::convert(buf, yp + i * n + j0, len);
+            }
           }
         }
-      }
-    });
+      });
+    if constexpr (saves_of(A) == Saves::Mask)
+      at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          scalar_t* zr = zp + i * n;
+          uint8_t* mr = mask + i * row_bytes;
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (avx512) relu_row_avx512(zr, mr, row_bytes, yp + i * n, n, s, A == Act::LeakyRelu);
+            else forward_row<A>(zr, mr, row_bytes, yp + i * n, n, s);
+          } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            forward_row<A>(zr, mr, row_bytes, yp + i * n, n, s);
+          } else {  // half/bfloat16: convert chunk by chunk
+            acc_t buf[kChunk];
+            for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+              const int64_t len = std::min(kChunk, n - j0);
+              at::vec::convert(zr + j0, buf, len);
+              const int64_t bytes = j0 + len < n ? len / 8 : row_bytes - j0 / 8;
+              forward_row<A>(buf, mr + j0 / 8, bytes, buf, len, s);
+              at::vec::convert(buf, yp + i * n + j0, len);
+            }
+          }
+        }
+      });
   });
 }
 
 template <typename scalar_t>
-void backward_epilogue(const at::Tensor& grad_y, const at::Tensor& saved, at::Tensor* dz, at::Tensor* grad_b,
-                       Act act, double slope) {
+void backward_epilogue(const at::Tensor& grad_y, const at::Tensor& saved, at::Tensor* dz, at::Tensor* grad_b, Act act,
+                       double slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t m = grad_y.size(0), n = grad_y.size(1), row_bytes = mask_row_bytes(n);
   const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
@@ -247,11 +247,11 @@ void backward_epilogue(const at::Tensor& grad_y, const at::Tensor& saved, at::Te
   const scalar_t* gp = grad_y.data_ptr<scalar_t>();
   const Saves saves = saves_of(act);
   const uint8_t* mask = saves == Saves::Mask ? saved.data_ptr<uint8_t>() : nullptr;
-  const scalar_t* sp = saves == Saves::Output ? saved.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* sp = saves == Saves::Output || saves == Saves::Preact ? saved.data_ptr<scalar_t>() : nullptr;
   scalar_t* dp = dz ? dz->data_ptr<scalar_t>() : nullptr;
   const acc_t s = static_cast<acc_t>(slope);
   const bool avx512 = use_avx512();
-  dispatch_fused(act, [&](auto tag) {
+  dispatch_act(act, [&](auto tag) {
     constexpr Act A = decltype(tag)::value;
     at::parallel_for(0, blocks, 1, [&](int64_t bbegin, int64_t bend) {
       for (int64_t blk = bbegin; blk < bend; ++blk) {
@@ -259,7 +259,8 @@ void backward_epilogue(const at::Tensor& grad_y, const at::Tensor& saved, at::Te
         for (int64_t i = blk * kRowBlock; i < std::min(m, (blk + 1) * kRowBlock); ++i) {
           const uint8_t* mr = mask ? mask + i * row_bytes : nullptr;
           if constexpr (std::is_same_v<scalar_t, float> && saves_of(A) == Saves::Mask) {
-            if (avx512) relu_grad_row_avx512(gp + i * n, mr, dp ? dp + i * n : nullptr, part, n, s, A == Act::LeakyRelu);
+            if (avx512)
+              relu_grad_row_avx512(gp + i * n, mr, dp ? dp + i * n : nullptr, part, n, s, A == Act::LeakyRelu);
             else backward_row<A>(gp + i * n, sp, mr, dp ? dp + i * n : nullptr, part, n, s);
           } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
             backward_row<A>(gp + i * n, sp ? sp + i * n : nullptr, mr, dp ? dp + i * n : nullptr, part, n, s);
@@ -319,33 +320,24 @@ std::vector<at::Tensor> dense_forward_cpu(const at::Tensor& x, const at::Tensor&
   // The bias goes into the GEMM (beta = 1 over a broadcast bias, as nn.Linear does): measured here it
   // costs the GEMM nothing, and z is rounded once. The epilogue is then the activation's one pass.
   at::Tensor z = b.defined() ? at::addmm(b, x, weight.t()) : at::mm(x, weight.t());  // fresh, contiguous
+  // y in place of z unless backward needs z (kept as aux); a mask's padding bytes are part of its layout.
   const Saves saves = saves_of(a);
-  at::Tensor y = z, aux = at::empty({0}, x.options());
+  at::Tensor y = saves == Saves::Preact ? at::empty_like(z) : z;
+  at::Tensor aux = saves == Saves::Preact ? z
+                   : saves == Saves::Mask ? at::empty({m, mask_row_bytes(n)}, x.options().dtype(at::kByte))
+                                          : at::empty({0}, x.options());
   if (m == 0 || n == 0) {
-    if (saves == Saves::Mask) aux = at::zeros({m, mask_row_bytes(n)}, x.options().dtype(at::kByte));
-    if (saves == Saves::Preact) aux = z, y = z.clone();
-    return {y, aux};
-  }
-  switch (a) {
-    case Act::Relu:
-    case Act::LeakyRelu:
-      aux = at::empty({m, mask_row_bytes(n)}, x.options().dtype(at::kByte));
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_forward_cpu",
-                                      [&] { forward_epilogue<scalar_t>(z, y, aux, a, slope); });
-      break;
-    case Act::Sigmoid: z.sigmoid_(); break;  // backward needs y only: in place
-    case Act::Tanh: z.tanh_(); break;
-    case Act::Gelu: aux = z, y = at::gelu(z); break;  // backward needs z: kept as aux
-    case Act::GeluTanh: aux = z, y = at::gelu(z, "tanh"); break;
-    case Act::Silu: aux = z, y = at::silu(z); break;
-    default: break;
+    if (saves == Saves::Mask) aux.zero_();  // the epilogue writes every byte, padding included, when it runs
+  } else if (a != Act::None) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_forward_cpu",
+                                    [&] { forward_epilogue<scalar_t>(z, y, aux, a, slope); });
   }
   return {y, aux};
 }
 
 std::vector<at::Tensor> dense_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                                           const at::Tensor& saved, int64_t act, double slope, bool need_x,
-                                           bool need_w, bool need_b) {
+                                           const at::Tensor& saved, int64_t act, double slope, bool need_x, bool need_w,
+                                           bool need_b) {
   check_inputs(x, weight, act);
   const Act a = static_cast<Act>(act);
   const Saves saves = saves_of(a);
@@ -356,20 +348,14 @@ std::vector<at::Tensor> dense_backward_cpu(const at::Tensor& grad_y, const at::T
   if (saves == Saves::Mask) CHECK_SHAPE(saved, m, mask_row_bytes(n));
   if (saves == Saves::Preact || saves == Saves::Output) CHECK_SHAPE(saved, m, n);
   const at::Tensor savedc = saved.contiguous();
-  at::Tensor dz, grad_b = need_b ? at::zeros({n}, x.options()) : at::Tensor();
-  if (saves == Saves::Preact) {
-    // The derivative needs erf/exp/tanh: ATen's kernels, then the bias reduction (two passes that,
-    // measured, beat one pass with this file's narrower vectors).
-    dz = a == Act::Silu ? at::silu_backward(g, savedc) : at::gelu_backward(g, savedc, a == Act::GeluTanh ? "tanh" : "none");
-    if (need_b && m > 0) grad_b = dz.sum(0);
-  } else {
-    dz = saves == Saves::None ? g : at::empty_like(g);  // dz is grad_y itself for "none"
-    if (m > 0 && n > 0 && (saves != Saves::None || need_b)) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_backward_cpu", [&] {
-        backward_epilogue<scalar_t>(g, savedc, saves == Saves::None ? nullptr : &dz, need_b ? &grad_b : nullptr, a,
-                                    slope);
-      });
-    }
+  if (saves == Saves::Preact || saves == Saves::Output) CHECK_SAME_DTYPE(saved, x);
+  at::Tensor grad_b = need_b ? at::zeros({n}, x.options()) : at::Tensor();
+  at::Tensor dz = saves == Saves::None ? g : at::empty_like(g);  // dz is grad_y itself for "none"
+  if (m > 0 && n > 0 && (saves != Saves::None || need_b)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dense_backward_cpu", [&] {
+      backward_epilogue<scalar_t>(g, savedc, saves == Saves::None ? nullptr : &dz, need_b ? &grad_b : nullptr, a,
+                                  slope);
+    });
   }
   // A distinct empty tensor for each gradient not needed: a custom op's outputs may not alias.
   const auto empty = [&] { return at::empty({0}, x.options()); };

@@ -29,11 +29,11 @@
 #include "common/checks.h"
 #include "dense/dense.h"
 
-#define LT_CHECK(expr)                                                                                       \
-  do {                                                                                                       \
-    const cublasStatus_t status_ = (expr);                                                                   \
+#define LT_CHECK(expr)                                                                                     \
+  do {                                                                                                     \
+    const cublasStatus_t status_ = (expr);                                                                 \
     TORCH_CHECK(status_ == CUBLAS_STATUS_SUCCESS, "genfast dense: cuBLASLt call ", #expr, " failed with ", \
-                cublasLtGetStatusName(status_), ": ", cublasLtGetStatusString(status_));                     \
+                cublasLtGetStatusName(status_), ": ", cublasLtGetStatusString(status_));                   \
   } while (0)
 
 namespace genfast {
@@ -125,9 +125,10 @@ bool lt_matmul(const at::Tensor& a, bool trans_a, const at::Tensor& b, bool tran
   LT_CHECK(cublasLtMatmulPreferenceCreate(&pref.handle));
   set_preference(pref.handle, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                  uint64_t(at::cuda::getCUDABlasLtWorkspaceSize()));
-  const at::CuBLASReductionOption reduction = dtype == at::kHalf       ? at::globalContext().allowFP16ReductionCuBLAS()
-                                              : dtype == at::kBFloat16 ? at::globalContext().allowBF16ReductionCuBLAS()
-                                                                       : at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK;
+  const at::CuBLASReductionOption reduction = dtype == at::kHalf ? at::globalContext().allowFP16ReductionCuBLAS()
+                                              : dtype == at::kBFloat16
+                                                  ? at::globalContext().allowBF16ReductionCuBLAS()
+                                                  : at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK;
   if (reduction == at::CuBLASReductionOption::DisallowReducedPrecisionAllowSplitK) {
     set_preference(pref.handle, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
                    uint32_t(CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE));
@@ -142,9 +143,9 @@ bool lt_matmul(const at::Tensor& a, bool trans_a, const at::Tensor& b, bool tran
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle, desc.handle, layout_a.handle, layout_b.handle,
-                                                               layout_c.handle, layout_c.handle, pref.handle, 1,
-                                                               &result, &found);
+  const cublasStatus_t status =
+      cublasLtMatmulAlgoGetHeuristic(handle, desc.handle, layout_a.handle, layout_b.handle, layout_c.handle,
+                                     layout_c.handle, pref.handle, 1, &result, &found);
   if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;  // unsupported shape/alignment/epilogue
 
   // Workspace from the caching allocator, stream-ordered: freed to the cache when this call returns.
@@ -165,7 +166,7 @@ template <typename scalar_t, Act A>
 __global__ void activation_kernel(const scalar_t* z, scalar_t* y, int64_t numel, at::opmath_type<scalar_t> slope) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel; i += int64_t(gridDim.x) * blockDim.x)
-    y[i] = static_cast<scalar_t>(act_forward<acc_t>(A, static_cast<acc_t>(z[i]), slope));
+    y[i] = static_cast<scalar_t>(act_forward(A, static_cast<acc_t>(z[i]), slope));
 }
 
 // One thread per mask byte, padding bytes included (they are written as 0): the byte's 8 features of
@@ -183,7 +184,7 @@ __global__ void mask_activation_kernel(scalar_t* zy, uint8_t* mask, int64_t m, i
     for (int b = 0; b < count; ++b) {
       const acc_t z = static_cast<acc_t>(row[first + b]);
       bits |= uint32_t(mask_bit(A, z)) << b;
-      row[first + b] = static_cast<scalar_t>(act_forward<acc_t>(A, z, slope));
+      row[first + b] = static_cast<scalar_t>(act_forward(A, z, slope));
     }
     mask[t] = static_cast<uint8_t>(bits);
   }
@@ -231,9 +232,8 @@ __global__ void __launch_bounds__(kTileCols* kTileRows)
       const int64_t idx = i * n + j;
       acc_t d = static_cast<acc_t>(g[idx]);
       if constexpr (saves_of(A) == Saves::Mask)
-        d *= act_derivative<acc_t>(A, acc_t((mask[i * row_bytes + j / 8] >> (j % 8)) & 1), slope);
-      else if constexpr (saves_of(A) != Saves::None)
-        d *= act_derivative<acc_t>(A, static_cast<acc_t>(s[idx]), slope);
+        d *= act_derivative(A, acc_t((mask[i * row_bytes + j / 8] >> (j % 8)) & 1), slope);
+      else if constexpr (saves_of(A) != Saves::None) d *= act_derivative(A, static_cast<acc_t>(s[idx]), slope);
       const scalar_t stored = static_cast<scalar_t>(d);
       if (dz) dz[idx] = stored;
       sum += static_cast<acc_t>(stored);
@@ -287,7 +287,7 @@ void backward_epilogue(const at::Tensor& g, const at::Tensor& saved, at::Tensor*
     });
     if (grad_b) {
       bias_grad_kernel<scalar_t><<<grid_for(n), kThreads, 0, stream>>>(partial.data_ptr<acc_t>(),
-                                                                         grad_b->data_ptr<scalar_t>(), row_blocks, n);
+                                                                       grad_b->data_ptr<scalar_t>(), row_blocks, n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

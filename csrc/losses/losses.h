@@ -19,11 +19,12 @@
 //     d/dmu = grad_mu (beta g_loss + g_kl_term), each g per sample (None) or a scalar.
 //   The target gets no gradient.
 //
-// losses_gan_forward(first (N0,), second (N1,), term0, param0, term1, param1, reduction, need_grad)
-//   -> {loss, grad_first, grad_second}
+// losses_gan_forward(first, second, term0, param0, term1, param1, reduction, need_grad)
+//   -> {loss, grad_first, grad_second}; first (N0 elements) and second (N1) of any shape, read as flat
+//   (so the Python layer adds no reshape, which is an autograd node of its own), gradients in their shapes.
 //   Elementwise terms f(x; p): Bce: softplus(x) - p x (logits with target p); Hinge: max(1 + p x, 0);
 //   Square: 0.5 (x - p)^2; Linear: p x. The second tensor may be empty (a generator loss).
-//   Reduction None (N1 = N0 or 0): loss[i] = f0(first[i]) + f1(second[i]), shape (N0,);
+//   Reduction None (N1 = N0 or 0): loss[i] = f0(first[i]) + f1(second[i]), first's shape;
 //     Mean: sum f0 / N0 + sum f1 / N1 (a sum over an empty tensor counts 0); Sum: sum f0 + sum f1.
 //   grad_first = c0 f0'(first), c0 = 1/N0 (Mean) or 1; grad_second likewise. NaN in gives NaN out
 //   in the loss and in the gradient of that element.
@@ -48,13 +49,12 @@ enum class Recon : int64_t { Bce = 0, Mse = 1 };
 enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 enum class Term : int64_t { Bce = 0, Hinge = 1, Square = 2, Linear = 3 };
 
-std::vector<at::Tensor> losses_elbo_forward_cpu(const at::Tensor& recon, const at::Tensor& target,
-                                                const at::Tensor& mu, const at::Tensor& logvar, double beta,
-                                                int64_t recon_kind, int64_t reduction, double target_scale,
-                                                bool need_grad);
-std::vector<at::Tensor> losses_gan_forward_cpu(const at::Tensor& first, const at::Tensor& second,
-                                               int64_t term0, double param0, int64_t term1, double param1,
-                                               int64_t reduction, bool need_grad);
+std::vector<at::Tensor> losses_elbo_forward_cpu(const at::Tensor& recon, const at::Tensor& target, const at::Tensor& mu,
+                                                const at::Tensor& logvar, double beta, int64_t recon_kind,
+                                                int64_t reduction, double target_scale, bool need_grad);
+std::vector<at::Tensor> losses_gan_forward_cpu(const at::Tensor& first, const at::Tensor& second, int64_t term0,
+                                               double param0, int64_t term1, double param1, int64_t reduction,
+                                               bool need_grad);
 
 // The eager autograd nodes of genfast::elbo_loss and genfast::gan_loss (losses_autograd.cpp): the ops'
 // arguments and outputs, on the cpu or cuda kernel by the first tensor's device; backward scales the
@@ -70,9 +70,9 @@ std::vector<at::Tensor> losses_elbo_forward_cuda(const at::Tensor& recon, const 
                                                  const at::Tensor& mu, const at::Tensor& logvar, double beta,
                                                  int64_t recon_kind, int64_t reduction, double target_scale,
                                                  bool need_grad);
-std::vector<at::Tensor> losses_gan_forward_cuda(const at::Tensor& first, const at::Tensor& second,
-                                                int64_t term0, double param0, int64_t term1, double param1,
-                                                int64_t reduction, bool need_grad);
+std::vector<at::Tensor> losses_gan_forward_cuda(const at::Tensor& first, const at::Tensor& second, int64_t term0,
+                                                double param0, int64_t term1, double param1, int64_t reduction,
+                                                bool need_grad);
 #endif
 
 // Checks shared by the CPU and CUDA entry points (the Python layer has checked the user's input).
@@ -81,8 +81,7 @@ inline void check_loss_codes(int64_t reduction) {
 }
 
 inline void check_elbo_inputs(const at::Tensor& recon, const at::Tensor& target, const at::Tensor& mu,
-                              const at::Tensor& logvar, int64_t recon_kind, int64_t reduction,
-                              double target_scale) {
+                              const at::Tensor& logvar, int64_t recon_kind, int64_t reduction, double target_scale) {
   TORCH_CHECK(recon.dim() == 2 && mu.dim() == 2, "recon and mu must be 2-D (batch, features)");
   TORCH_CHECK(target.sizes() == recon.sizes(), "target has shape ", target.sizes(), ", recon ", recon.sizes());
   TORCH_CHECK(logvar.sizes() == mu.sizes(), "logvar has shape ", logvar.sizes(), ", mu ", mu.sizes());
@@ -101,14 +100,13 @@ inline void check_elbo_inputs(const at::Tensor& recon, const at::Tensor& target,
 
 inline void check_gan_inputs(const at::Tensor& first, const at::Tensor& second, int64_t term0, int64_t term1,
                              int64_t reduction) {
-  TORCH_CHECK(first.dim() == 1 && second.dim() == 1, "first and second must be 1-D");
   TORCH_CHECK(first.scalar_type() == second.scalar_type(), "first and second must have the same dtype");
   TORCH_CHECK(first.is_contiguous() && second.is_contiguous(), "first and second must be contiguous");
   TORCH_CHECK(term0 >= 0 && term0 <= 3 && term1 >= 0 && term1 <= 3, "unknown term code ", term0, " or ", term1);
   check_loss_codes(reduction);
   if (reduction == int64_t(Reduction::None)) {
-    TORCH_CHECK(second.numel() == 0 || second.numel() == first.numel(), "reduction none: second has ",
-                second.numel(), " elements, first ", first.numel());
+    TORCH_CHECK(second.numel() == 0 || second.numel() == first.numel(), "reduction none: second has ", second.numel(),
+                " elements, first ", first.numel());
   }
   if (reduction == int64_t(Reduction::Mean)) TORCH_CHECK(first.numel() > 0, "the mean over an empty tensor");
 }

@@ -46,10 +46,10 @@ struct ElboLoss : public torch::autograd::Function<ElboLoss> {
                                const at::Tensor& mu, const at::Tensor& logvar, double beta, int64_t recon_kind,
                                int64_t reduction, double target_scale, bool need_grad) {
 #ifdef GENFAST_WITH_CUDA
-    std::vector<at::Tensor> out = recon.is_cuda() ? losses_elbo_forward_cuda(recon, target, mu, logvar, beta, recon_kind,
-                                                                              reduction, target_scale, need_grad)
-                                                  : losses_elbo_forward_cpu(recon, target, mu, logvar, beta, recon_kind,
-                                                                             reduction, target_scale, need_grad);
+    std::vector<at::Tensor> out =
+        recon.is_cuda()
+            ? losses_elbo_forward_cuda(recon, target, mu, logvar, beta, recon_kind, reduction, target_scale, need_grad)
+            : losses_elbo_forward_cpu(recon, target, mu, logvar, beta, recon_kind, reduction, target_scale, need_grad);
 #else
     std::vector<at::Tensor> out =
         losses_elbo_forward_cpu(recon, target, mu, logvar, beta, recon_kind, reduction, target_scale, need_grad);
@@ -81,9 +81,8 @@ struct GanLoss : public torch::autograd::Function<GanLoss> {
                                double param0, int64_t term1, double param1, int64_t reduction, bool need_grad) {
 #ifdef GENFAST_WITH_CUDA
     std::vector<at::Tensor> out =
-        first.is_cuda()
-            ? losses_gan_forward_cuda(first, second, term0, param0, term1, param1, reduction, need_grad)
-            : losses_gan_forward_cpu(first, second, term0, param0, term1, param1, reduction, need_grad);
+        first.is_cuda() ? losses_gan_forward_cuda(first, second, term0, param0, term1, param1, reduction, need_grad)
+                        : losses_gan_forward_cpu(first, second, term0, param0, term1, param1, reduction, need_grad);
 #else
     std::vector<at::Tensor> out =
         losses_gan_forward_cpu(first, second, term0, param0, term1, param1, reduction, need_grad);
@@ -94,7 +93,7 @@ struct GanLoss : public torch::autograd::Function<GanLoss> {
     return out;
   }
 
-  // The tensors are 1-D: grad_loss is a scalar or, for "none", one value per element.
+  // grad_loss is a scalar or, for "none", one value per element of first (second has its shape then).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     refuse_double_backward("gan_loss");
     variable_list result(8);

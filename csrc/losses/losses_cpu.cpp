@@ -20,7 +20,7 @@ namespace {
 
 using at::vec::Vectorized;
 using namespace cpu_math;
-constexpr int64_t kGanBlock = 1 << 14;  // elements per GAN partial sum: fixed, never the thread count
+constexpr int64_t kGanBlock = 1 << 14;       // elements per GAN partial sum: fixed, never the thread count
 constexpr int64_t kGrainElements = 1 << 15;  // work per parallel task
 
 template <typename T>
@@ -34,7 +34,7 @@ struct TypeTag {
 template <typename V>
 V bce(V x, V t, V& grad) {
   const V zero(0), one(1);
-  const V e = x.abs().neg().exp();  // exp(-|x|) in (0, 1]: never overflows; NaN stays NaN
+  const V e = x.abs().neg().exp();                      // exp(-|x|) in (0, 1]: never overflows; NaN stays NaN
   grad = V::blendv(e, one, x >= zero) / (one + e) - t;  // sigmoid(x) - t
   // PyTorch's form (binary_cross_entropy_with_logits): the same NaN at infinite logits, where the limit
   // needs a convention PyTorch does not make.
@@ -210,8 +210,8 @@ at::Tensor gan_loss(const GanSegment (&segments)[2], Reduction reduction) {
           const int64_t len = std::min(kChunk, seg.x.numel() - c0);
           if (len <= 0) continue;
           scalar_t* grad = seg.grad.defined() ? seg.grad.template data_ptr<scalar_t>() + c0 : nullptr;
-          partial[2 * blk + s] += gan_block_dispatch(seg.term, seg.x.template data_ptr<scalar_t>() + c0, len,
-                                                     seg.param, grad, seg.gscale, per_element ? each : nullptr);
+          partial[2 * blk + s] += gan_block_dispatch(seg.term, seg.x.template data_ptr<scalar_t>() + c0, len, seg.param,
+                                                     grad, seg.gscale, per_element ? each : nullptr);
         }
         if (op) at::vec::convert(each, op + c0, std::min(kChunk, n - c0));
       }
@@ -248,7 +248,7 @@ std::vector<at::Tensor> losses_elbo_forward_cpu(const at::Tensor& recon, const a
     auto rows = [&](auto recon_tag, auto target_tag) {
       using target_t = typename decltype(target_tag)::type;
       elbo_rows<decltype(recon_tag)::value, scalar_t, target_t>(recon, target, mu, logvar, grads, target_scale, gscale,
-                                                                 r.data(), k.data());
+                                                                r.data(), k.data());
     };
     auto by_target = [&](auto recon_tag) {
       if (target.scalar_type() == at::kByte) rows(recon_tag, TypeTag<uint8_t>{});

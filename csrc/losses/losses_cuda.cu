@@ -109,7 +109,7 @@ __device__ void sum_partials(const double* partial, double* shared, double& a, d
 template <typename scalar_t>
 struct ElboOut {
   scalar_t *grad_x, *grad_mu, *grad_lv;  // null without need_grad
-  scalar_t *loss, *r, *k;                 // (B,) for None, one element for Mean/Sum
+  scalar_t *loss, *r, *k;                // (B,) for None, one element for Mean/Sum
 };
 
 template <Recon R, typename scalar_t, typename target_t>
@@ -183,8 +183,8 @@ struct GanSide {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     gan_kernel(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ x1, scalar_t* g0, scalar_t* g1,
-               scalar_t* out, double* partial, unsigned int* counter, int64_t n0, int64_t n1,
-               GanSide<double> s0, GanSide<double> s1, bool per_element) {
+               scalar_t* out, double* partial, unsigned int* counter, int64_t n0, int64_t n1, GanSide<double> s0,
+               GanSide<double> s1, bool per_element) {
   using acc_t = double;  // a GAN loss is a scalar of a few logits, correctly rounded only from fp64 terms
   __shared__ double shared[kWarps];
   const int64_t n = n0 > n1 ? n0 : n1, stride = int64_t(gridDim.x) * blockDim.x;
@@ -235,9 +235,10 @@ Workspace workspace(int64_t grid, const at::Tensor& like, cudaStream_t stream) {
 
 }  // namespace
 
-std::vector<at::Tensor> losses_elbo_forward_cuda(const at::Tensor& recon, const at::Tensor& target, const at::Tensor& mu,
-                                                 const at::Tensor& logvar, double beta, int64_t recon_kind,
-                                                 int64_t reduction, double target_scale, bool need_grad) {
+std::vector<at::Tensor> losses_elbo_forward_cuda(const at::Tensor& recon, const at::Tensor& target,
+                                                 const at::Tensor& mu, const at::Tensor& logvar, double beta,
+                                                 int64_t recon_kind, int64_t reduction, double target_scale,
+                                                 bool need_grad) {
   CHECK_CUDA(recon);
   CHECK_CUDA(target);
   CHECK_CUDA(mu);
@@ -267,8 +268,10 @@ std::vector<at::Tensor> losses_elbo_forward_cuda(const at::Tensor& recon, const 
     using acc_t = at::opmath_type<scalar_t>;
     const ElboOut<scalar_t> o{need_grad ? out[3].data_ptr<scalar_t>() : nullptr,
                               need_grad ? out[4].data_ptr<scalar_t>() : nullptr,
-                              need_grad ? out[5].data_ptr<scalar_t>() : nullptr, out[0].data_ptr<scalar_t>(),
-                              out[1].data_ptr<scalar_t>(), out[2].data_ptr<scalar_t>()};
+                              need_grad ? out[5].data_ptr<scalar_t>() : nullptr,
+                              out[0].data_ptr<scalar_t>(),
+                              out[1].data_ptr<scalar_t>(),
+                              out[2].data_ptr<scalar_t>()};
     auto launch = [&](auto recon_tag, auto* target_ptr) {
       constexpr Recon R = decltype(recon_tag)::value;
       using target_t = std::remove_const_t<std::remove_pointer_t<decltype(target_ptr)>>;
@@ -298,7 +301,7 @@ std::vector<at::Tensor> losses_gan_forward_cuda(const at::Tensor& first, const a
   const Reduction red = static_cast<Reduction>(reduction);
   const bool per_element = red == Reduction::None;
   const int64_t n0 = first.numel(), n1 = second.numel(), n = std::max(n0, n1);
-  at::Tensor loss = per_element ? at::empty({n0}, first.options())
+  at::Tensor loss = per_element ? at::empty(first.sizes(), first.options())
                                 : (n > 0 ? at::empty({}, first.options()) : at::zeros({}, first.options()));
   at::Tensor g0 = need_grad ? at::empty_like(first) : at::empty({0}, first.options());
   at::Tensor g1 = need_grad ? at::empty_like(second) : at::empty({0}, first.options());
@@ -312,8 +315,8 @@ std::vector<at::Tensor> losses_gan_forward_cuda(const at::Tensor& first, const a
     const GanSide<double> s1{static_cast<Term>(term1), param1, scale(n1), scale(n1)};
     gan_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         first.data_ptr<scalar_t>(), second.data_ptr<scalar_t>(), need_grad ? g0.data_ptr<scalar_t>() : nullptr,
-        need_grad ? g1.data_ptr<scalar_t>() : nullptr, loss.data_ptr<scalar_t>(), w.partial, w.counter, n0, n1, s0,
-        s1, per_element);
+        need_grad ? g1.data_ptr<scalar_t>() : nullptr, loss.data_ptr<scalar_t>(), w.partial, w.counter, n0, n1, s0, s1,
+        per_element);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, g0, g1};

@@ -34,22 +34,18 @@ namespace genfast {
 
 std::vector<at::Tensor> reparam_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
                                             c10::optional<at::Generator> generator);
-at::Tensor reparam_backward_cpu(const at::Tensor& grad_z, const at::Tensor& logvar,
-                                const at::Tensor& rng_state);
+at::Tensor reparam_backward_cpu(const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& rng_state);
 at::Tensor kl_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar);
-std::vector<at::Tensor> kl_backward_cpu(const at::Tensor& grad_kl, const at::Tensor& mu,
-                                        const at::Tensor& logvar);
+std::vector<at::Tensor> kl_backward_cpu(const at::Tensor& grad_kl, const at::Tensor& mu, const at::Tensor& logvar);
 std::vector<at::Tensor> reparam_kl_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
                                                c10::optional<at::Generator> generator);
 
 #ifdef GENFAST_WITH_CUDA
 std::vector<at::Tensor> reparam_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
                                              c10::optional<at::Generator> generator);
-at::Tensor reparam_backward_cuda(const at::Tensor& grad_z, const at::Tensor& logvar,
-                                 const at::Tensor& rng_state);
+at::Tensor reparam_backward_cuda(const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& rng_state);
 at::Tensor kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar);
-std::vector<at::Tensor> kl_backward_cuda(const at::Tensor& grad_kl, const at::Tensor& mu,
-                                         const at::Tensor& logvar);
+std::vector<at::Tensor> kl_backward_cuda(const at::Tensor& grad_kl, const at::Tensor& mu, const at::Tensor& logvar);
 std::vector<at::Tensor> reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
                                                 c10::optional<at::Generator> generator);
 #endif

@@ -2,9 +2,9 @@
 //
 // Noise: eps[i] = lane i % 4 of the Philox group i / 4 (common/philox.h). kChunk elements at a time,
 // the Philox bits of every group the chunk touches are made 8 groups at a time (AVX2 integer lanes; the
-// scalar engine of philox.h for the rest), then Box-Muller runs on vectors (log, sqrt, sin, cos of at::vec, SLEEF at 1 ulp). The noise is a function of the
-// element index alone, so neither the thread count nor the cut of the work changes a bit.
-// Seed: one random64() draw from the CPU generator, under its lock; offset 0.
+// scalar engine of philox.h for the rest), then Box-Muller runs on vectors (log, sqrt, sin, cos of at::vec, SLEEF at 1
+// ulp). The noise is a function of the element index alone, so neither the thread count nor the cut of the work changes
+// a bit. Seed: one random64() draw from the CPU generator, under its lock; offset 0.
 //
 // Math in the math type (fp32, fp64 for fp64). KL: kl_row of common/cpu_math.h (terms and sum in
 // double, each row in index order); long rows are not split (one thread a row).
@@ -35,7 +35,7 @@ struct NoiseState {
 #ifdef CPU_CAPABILITY_AVX2
 // (hi, lo): the 32-bit halves of a * b in each of 8 lanes (b: the same 32-bit constant in every lane).
 inline void mulhilo8(__m256i a, __m256i b, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(a, b);                         // lanes 0, 2, 4, 6, as 64-bit products
+  const __m256i even = _mm256_mul_epu32(a, b);                        // lanes 0, 2, 4, 6, as 64-bit products
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), b);  // lanes 1, 3, 5, 7
   lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
@@ -193,14 +193,13 @@ void rows_pass(const at::Tensor& mu, const at::Tensor& logvar, at::Tensor* z, No
     const scalar_t* lp = logvar.data_ptr<scalar_t>();
     scalar_t* zp = z ? z->data_ptr<scalar_t>() : nullptr;
     double* kp = kl.data_ptr<double>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t r = begin; r < end; ++r) {
-                         if (zp) map_with_noise(state, mp, lp, zp, r * cols, cols, Sample{});
-                         kp[r] = kl_row(mp + r * cols, lp + r * cols, (scalar_t*)nullptr,
-                                        (scalar_t*)nullptr, cols, 1.0);
-                       }
-                     });
+    at::parallel_for(
+        0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            if (zp) map_with_noise(state, mp, lp, zp, r * cols, cols, Sample{});
+            kp[r] = kl_row(mp + r * cols, lp + r * cols, (scalar_t*)nullptr, (scalar_t*)nullptr, cols, 1.0);
+          }
+        });
   });
 }
 
@@ -254,8 +253,7 @@ std::vector<at::Tensor> kl_backward_cpu(const at::Tensor& grad_kl, const at::Ten
   check_rows(mu);
   CHECK_CPU(grad_kl);
   CHECK_CONTIGUOUS(grad_kl);
-  TORCH_CHECK(grad_kl.scalar_type() == kl_dtype(mu), "grad_kl must be ", kl_dtype(mu), ", got ",
-              grad_kl.scalar_type());
+  TORCH_CHECK(grad_kl.scalar_type() == kl_dtype(mu), "grad_kl must be ", kl_dtype(mu), ", got ", grad_kl.scalar_type());
   const int64_t cols = mu.size(-1), rows = rows_of(mu);
   CHECK_SHAPE(grad_kl, rows);
   at::Tensor grad_mu = at::empty_like(mu), grad_logvar = at::empty_like(logvar);

@@ -30,10 +30,10 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
-#include <ATen/cuda/PhiloxUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/accumulate.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
 
 #include <algorithm>
 #include <mutex>
@@ -150,8 +150,7 @@ __global__ void __launch_bounds__(kThreads)
 // runs over the tasks of whole warps, so every lane reaches the shuffles.
 template <typename T, bool kAligned, bool kSample>
 __global__ void __launch_bounds__(kThreads)
-    kl_rows_kernel(const T* __restrict__ mu, const T* __restrict__ logvar, T* __restrict__ z,
-                   KlSum* __restrict__ kl,
+    kl_rows_kernel(const T* __restrict__ mu, const T* __restrict__ logvar, T* __restrict__ z, KlSum* __restrict__ kl,
                    KlSum* __restrict__ partial, int64_t rows, int64_t cols, int64_t chunks, int lanes,
                    at::PhiloxCudaState philox, int64_t* __restrict__ rng_state) {
   using acc_t = at::opmath_type<T>;
@@ -290,15 +289,14 @@ void launch_kl_rows(const at::Tensor& mu, const at::Tensor& logvar, at::Tensor* 
       dispatch_flag(z != nullptr, [&](auto kSample) {
         constexpr bool kA = decltype(kAligned)::value, kS = decltype(kSample)::value;
         kl_rows_kernel<scalar_t, kA, kS><<<blocks_for(warps * kWarp), kThreads, 0, stream>>>(
-            mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), z_ptr, kl.data_ptr<KlSum>(),
-            partial_ptr, rows,
-            cols, chunks, lanes, philox, rng_state ? rng_state->data_ptr<int64_t>() : nullptr);
+            mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), z_ptr, kl.data_ptr<KlSum>(), partial_ptr, rows, cols,
+            chunks, lanes, philox, rng_state ? rng_state->data_ptr<int64_t>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
     if (chunks > 1) {
-      kl_partials_kernel<<<blocks_for(rows * kWarp), kThreads, 0, stream>>>(
-          partial_ptr, kl.data_ptr<KlSum>(), rows, chunks);
+      kl_partials_kernel<<<blocks_for(rows * kWarp), kThreads, 0, stream>>>(partial_ptr, kl.data_ptr<KlSum>(), rows,
+                                                                            chunks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -388,8 +386,8 @@ std::vector<at::Tensor> kl_backward_cuda(const at::Tensor& grad_kl, const at::Te
     dispatch_flag(aligned, [&](auto kAligned) {
       constexpr bool kA = decltype(kAligned)::value;
       kl_backward_kernel<scalar_t, kA><<<blocks_for(ceil_div(n, 4)), kThreads, 0, stream>>>(
-          grad_kl.data_ptr<KlSum>(), mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(),
-          grad_mu.data_ptr<scalar_t>(), grad_logvar.data_ptr<scalar_t>(), n, mu.size(-1));
+          grad_kl.data_ptr<KlSum>(), mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(),
+          grad_logvar.data_ptr<scalar_t>(), n, mu.size(-1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -403,7 +401,8 @@ std::vector<at::Tensor> reparam_kl_forward_cuda(const at::Tensor& mu, const at::
   const at::cuda::OptionalCUDAGuard guard(mu.device());
   at::Tensor z = at::empty_like(mu);
   if (mu.numel() == 0) {
-    return {z, at::zeros({2}, mu.options().dtype(at::kLong)), at::zeros({rows_of(mu)}, mu.options().dtype(kl_dtype(mu)))};
+    return {z, at::zeros({2}, mu.options().dtype(at::kLong)),
+            at::zeros({rows_of(mu)}, mu.options().dtype(kl_dtype(mu)))};
   }
   at::Tensor rng_state = new_rng_state(mu), kl = at::empty({rows_of(mu)}, mu.options().dtype(kl_dtype(mu)));
   launch_kl_rows(mu, logvar, &z, kl, reserve_noise(generator, mu), &rng_state);

@@ -108,13 +108,14 @@ def _check_inputs(x, weight, bias) -> None:
     check_tensor("weight", weight)
     if bias is not None:
         check_tensor("bias", bias)
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected 2 dimensions (out_features, in_features), got shape {tuple(weight.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x: expected shape (..., {weight.shape[1]}) to match weight {tuple(weight.shape)}, "
-                         f"got {tuple(x.shape)}")
+    w_shape, x_shape = weight.shape, x.shape
+    if len(w_shape) != 2:
+        raise ValueError(f"weight: expected 2 dimensions (out_features, in_features), got shape {tuple(w_shape)}")
+    if not x_shape or x_shape[-1] != w_shape[1]:
+        raise ValueError(f"x: expected shape (..., {w_shape[1]}) to match weight {tuple(w_shape)}, "
+                         f"got {tuple(x_shape)}")
     if bias is not None:
-        check_shape("bias", bias, (weight.shape[0],))
+        check_shape("bias", bias, (w_shape[0],))
 
 
 def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "relu",
@@ -125,18 +126,22 @@ def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activatio
         x: (..., in_features), float16/bfloat16/float32/float64.
         weight: (out_features, in_features), same dtype and device as x.
         bias: (out_features,) or None.
-        activation: "relu", "leaky_relu", "gelu" (erf), "gelu_tanh", "silu", "sigmoid", "tanh",
-            "none" or None.
+        activation: a name in genfast.activations.ACTIVATIONS: "relu", "leaky_relu", "gelu" (erf),
+            "gelu_tanh", "silu", "sigmoid", "tanh", "softplus" (PyTorch's default: beta 1, threshold 20),
+            "mish", or "none" / None.
         negative_slope: slope of leaky_relu for negative inputs.
     Returns:
         (..., out_features) in x's dtype (the autocast dtype under autocast).
     """
+    # Every line here runs on each eager call, where a small layer's whole kernel takes a few
+    # microseconds: kept to the checks themselves.
     act = get_activation(activation)
     _check_inputs(x, weight, bias)
-    dtype = autocast_dtype(x.device)
-    if dtype is not None:
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    if torch._C._is_any_autocast_enabled():  # (autocast_dtype's own first test, without the call)
+        dtype = autocast_dtype(x.device)
+        if dtype is not None:
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
     check_same(("x", "weight", "bias"), (x, weight, bias))
     if _route.plain_math(x, weight, bias):
         return reference.fused_dense(x, weight, bias, act.name, float(negative_slope))

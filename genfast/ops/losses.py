@@ -183,7 +183,7 @@ def _gan_setup(ctx, inputs, output) -> None:
 
 
 def _gan_gradients(ctx, grad_loss, *_):
-    # The tensors are 1-D here: grad_loss is a scalar or, for "none", one value per element.
+    # grad_loss is a scalar or, for "none", one value per element of first (second has its shape then).
     if grad_loss is None:
         return (None,) * 8
     return tuple(saved * grad_loss if need else None
@@ -202,12 +202,11 @@ GAN = Op(
 
 def _gan_loss(first: Tensor, second: Tensor | None, terms: tuple[Term, Term], reduction: str) -> Tensor:
     """Term 0 over `first` + term 1 over `second` (None: a generator loss), checked inputs."""
+    # Any shape: the kernels read the tensors as flat (a reshape here would be one more autograd node).
     red = code_of(REDUCTIONS, reduction, "reduction")
-    shape = first.shape
-    flat = [first.reshape(-1).contiguous(), first.new_empty(0) if second is None else second.reshape(-1).contiguous()]
-    args = (*flat, terms[0].code, float(terms[0].param), terms[1].code, float(terms[1].param), red)
-    loss = GAN(*args, _need_grad(*flat))[0]
-    return loss.view(shape) if reduction == "none" else loss
+    tensors = (first.contiguous(), first.new_empty(0) if second is None else second.contiguous())
+    args = (*tensors, terms[0].code, float(terms[0].param), terms[1].code, float(terms[1].param), red)
+    return GAN(*args, _need_grad(*tensors))[0]
 
 
 def _check_kind(kind: str) -> None:

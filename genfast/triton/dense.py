@@ -1,8 +1,8 @@
 """Triton backend of the fused dense layer (contract in csrc/dense/dense.h).
 
 Forward: z = x @ weight^T + bias, y = act(z), one GEMM with bias and activation in its epilogue,
-which also writes what backward needs: the packed bit mask of z > 0 (relu, leaky_relu) or z itself
-(gelu, gelu_tanh, silu).
+which also writes what backward needs (genfast.activations says what): the packed bit mask of z > 0
+(relu, leaky_relu), or z itself.
 Backward: dz = grad_y * act'(saved) and grad_bias = sum_i dz[i] in one pass (per-block partial sums
 reduced in a fixed order: deterministic, no atomics), then grad_x = dz @ weight and
 grad_weight = dz^T @ x with the same GEMM kernel, transposes expressed as strides (no copies).
@@ -11,9 +11,8 @@ e(MK + NK + N + MN), plus B mask bytes or e*MN for z; the epilogue adds no pass 
 grad_y and saved (B or e*MN) and writes dz (e*MN, skipped for "none"), then the GEMMs read dz, weight
 and x and write grad_x (e*MK) and grad_weight (e*NK).
 GEMMs accumulate in fp32 (fp64 for fp64 inputs); fp32 inputs use TF32 when
-torch.backends.cuda.matmul.allow_tf32 is set, IEEE fp32 otherwise. erf and tanh are written from exp (one
-code path for the interpreter, which has no libdevice): fp32-accurate (relative error ~1e-7), also for fp64.
-exp, log and sigmoid are genfast.triton._math's (accurate when compiled, unlike tl.exp).
+torch.backends.cuda.matmul.allow_tf32 is set, IEEE fp32 otherwise. The activation math is
+genfast.triton.activations'.
 """
 
 from __future__ import annotations
@@ -23,19 +22,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from genfast.activations import ACTIVATIONS, mask_row_bytes
-from genfast.triton._math import INTERPRETED, exp, math_scalar, math_type, sigmoid
-
-# Globals read inside kernels must be tl.constexpr for the compiler.
-NONE, RELU, LEAKY_RELU, GELU, GELU_TANH, SILU, SIGMOID, TANH = (
-    tl.constexpr(ACTIVATIONS[n].code)
-    for n in ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh"))
-_SAVES = {a.code: a.saves for a in ACTIVATIONS.values()}
-_MASK, _OUTPUT, _PREACT = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)  # what SAVES means in kernels
-_SAVES_CODE = {"none": 0, "mask": _MASK, "output": _OUTPUT, "preact": _PREACT}
-_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # (the interpreter needs constexprs right of tensors)
-
+from genfast.activations import mask_row_bytes
+from genfast.triton._math import INTERPRETED, math_scalar, math_type
+from genfast.triton.activations import (
+    LEAKY_RELU,
+    NONE,
+    SAVES_MASK,
+    SAVES_OUTPUT,
+    SAVES_PREACT,
+    act_derivative,
+    act_forward,
+    mask_bit,
+    saves_code,
+)
 
 # Tiles by operand kind: tensor-core MMA (fp16, bf16, tf32), IEEE fp32 (FMA) and fp64 (DMMA). At most 64
 # accumulator registers a thread (BLOCK_M * BLOCK_N / (32 * num_warps), twice that for fp64), so an
@@ -89,64 +88,6 @@ def _configs_for_operands(configs: list[triton.Config], named_args: dict, **kwar
     return [config for config in configs if config in tiles]
 
 
-@triton.jit
-def _tanh(x):
-    # Small |x|: odd polynomial (Cephes tanhf), as 1 - 2/(e^2x + 1) would lose all relative precision.
-    x2 = x * x
-    poly = ((((-5.70498872745e-3 * x2 + 2.06390887954e-2) * x2 - 5.37397155531e-2) * x2
-             + 1.33314422036e-1) * x2 - 3.33332819422e-1) * x2 * x + x
-    return tl.where(tl.abs(x) < 0.625, poly, 1.0 - 2.0 / (exp(2.0 * x) + 1.0))
-
-
-@triton.jit
-def _normal_cdf(z):
-    # Phi(z) = erfc(-z/sqrt2)/2 with erfc from Numerical Recipes' Chebyshev fit (relative error < 1.2e-7
-    # for all arguments), so the tail z << 0 keeps its relative precision unlike 1 + erf.
-    a = tl.abs(z) * 0.7071067811865476
-    t = 1.0 / (1.0 + 0.5 * a)
-    p = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * (
-        0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
-    half_erfc = 0.5 * t * exp(p - a * a)
-    return tl.where(z > 0, 1.0 - half_erfc, half_erfc)
-
-
-@triton.jit
-def _act_forward(z, slope, ACT: tl.constexpr):
-    if ACT == RELU:
-        return tl.where(z < 0, 0.0, z)  # NaN stays NaN, as in torch.relu
-    elif ACT == LEAKY_RELU:
-        return tl.where(z > 0, z, z * slope)
-    elif ACT == GELU:
-        return z * _normal_cdf(z)
-    elif ACT == GELU_TANH:
-        return 0.5 * z * (1.0 + _tanh((z + 0.044715 * z * z * z) * _SQRT_2_OVER_PI))
-    elif ACT == SILU:
-        return z * sigmoid(z)
-    elif ACT == SIGMOID:
-        return sigmoid(z)
-    elif ACT == TANH:
-        return _tanh(z)
-    else:
-        return z
-
-
-@triton.jit
-def _act_derivative(s, ACT: tl.constexpr):
-    """dy/dz from s = z (gelu, gelu_tanh, silu) or s = y (sigmoid, tanh)."""
-    if ACT == GELU:
-        return _normal_cdf(s) + s * exp(-0.5 * s * s) * _INV_SQRT_2PI
-    elif ACT == GELU_TANH:
-        t = _tanh((s + 0.044715 * s * s * s) * _SQRT_2_OVER_PI)
-        return 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * s * s)
-    elif ACT == SILU:
-        sig = sigmoid(s)
-        return sig * (1.0 + s * (1.0 - sig))
-    elif ACT == SIGMOID:
-        return s * (1.0 - s)
-    else:
-        return 1.0 - s * s
-
-
 # Tuned per power-of-two bucket of each size, per operand layout and alignment (the *_bucket, *_k_major and
 # aligned arguments, read by the autotuner only) and per precision (the dtypes are part of every key): a new
 # batch size within a bucket neither times configs again nor, first seen inside CUDA-graph capture, fails
@@ -195,18 +136,13 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_gr
     acc += tl.load(bias_ptr + cols, mask=(cols < N) & (has_bias != 0), other=0.0).to(ACC)[None, :]
     inside = (rows[:, None] < M) & (cols[None, :] < N)
     offsets = rows[:, None] * stride_cm + cols[None, :] * stride_cn
-    y = _act_forward(acc, math_scalar(slope, ACC), ACT)
+    y = act_forward(acc, math_scalar(slope, ACC), ACT)
     tl.store(c_ptr + offsets, y.to(c_ptr.dtype.element_ty), mask=inside)
-    if SAVES == _PREACT:
+    if SAVES == SAVES_PREACT:
         tl.store(z_ptr + offsets, acc.to(z_ptr.dtype.element_ty), mask=inside)
-    if SAVES == _MASK:
-        # Out-of-range columns hold z = 0, so their bits (the row padding) come out 0. The rule is
-        # activations.py's: relu's bit is "not z <= 0" (NaN passes), leaky_relu's "z > 0".
-        if ACT == RELU:
-            passes = (acc <= 0) == 0
-        else:
-            passes = acc > 0
-        bits = tl.reshape(passes.to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8))
+    if SAVES == SAVES_MASK:
+        # Out-of-range columns hold z = 0, so their bits (the row padding) come out 0.
+        bits = tl.reshape(mask_bit(acc, ACT).to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8))
         packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
         byte = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
         tl.store(mask_ptr + rows[:, None] * row_bytes + byte[None, :], packed,
@@ -229,15 +165,15 @@ def _dz_kernel(g_ptr, s_ptr, dz_ptr, partial_ptr, M, N, row_bytes, slope: tl.flo
         inside = (rows[:, None] < M) & (cols[None, :] < N)
         offsets = rows[:, None] * N + cols[None, :]
         dz = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(ACC)
-        if SAVES == _MASK:
+        if SAVES == SAVES_MASK:
             byte = tl.load(s_ptr + rows[:, None] * row_bytes + cols[None, :] // 8, mask=inside, other=0)
             passes = ((byte >> (cols[None, :] % 8).to(tl.uint8)) & 1) != 0
             if ACT == LEAKY_RELU:  # dz * slope, not a select of the slope: that would round it to fp32
                 dz = tl.where(passes, dz, dz * math_scalar(slope, ACC))
             else:
                 dz = tl.where(passes, dz, 0.0)
-        if SAVES == _OUTPUT or SAVES == _PREACT:
-            dz *= _act_derivative(tl.load(s_ptr + offsets, mask=inside, other=0.0).to(ACC), ACT)
+        if SAVES == SAVES_OUTPUT or SAVES == SAVES_PREACT:
+            dz *= act_derivative(tl.load(s_ptr + offsets, mask=inside, other=0.0).to(ACC), ACT)
         if STORE_DZ:
             tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=inside)
         if REDUCE:
@@ -257,7 +193,7 @@ def _matmul(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, act: 
     fp32 = a.dtype == torch.float32
     precision = "tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     acc = math_type(a.dtype)
-    saves = _MASK if mask is not None else _PREACT if z is not None else 0
+    saves = SAVES_MASK if mask is not None else SAVES_PREACT if z is not None else 0
     _matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)](
         a, b, out, out if bias is None else bias, z, mask, m, n, k, cols, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), row_bytes, slope, *map(triton.next_power_of_2, (m, n, k)),
@@ -272,9 +208,9 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act_code: int,
     """y = act(x (M, K) @ weight (N, K)^T + bias (N,)), and aux: mask bits, z, or an empty tensor."""
     m, n = x.shape[0], weight.shape[0]
     y = x.new_empty((m, n))
-    saves = _SAVES[act_code]
-    mask = x.new_empty((m, mask_row_bytes(n)), dtype=torch.uint8) if saves == "mask" else None
-    z = x.new_empty((m, n)) if saves == "preact" else None
+    saves = saves_code(act_code)
+    mask = x.new_empty((m, mask_row_bytes(n)), dtype=torch.uint8) if saves == SAVES_MASK else None
+    z = x.new_empty((m, n)) if saves == SAVES_PREACT else None
     _matmul(x, weight.t(), y, bias, act_code, slope, z, mask)
     aux = mask if mask is not None else z if z is not None else x.new_empty(0)
     return y, aux
@@ -287,7 +223,7 @@ def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act
     Each gradient not needed comes back as an empty tensor of its own (a custom op's outputs may not alias).
     """
     m, n = grad_y.shape
-    saves = _SAVES_CODE[_SAVES[act_code]]
+    saves = saves_code(act_code)
     store_dz = saves != 0 and (need_x or need_w)
     dz = grad_y.new_empty((m, n)) if store_dz else grad_y  # dz is grad_y itself for "none"
     grad_b = x.new_zeros(n) if need_b else x.new_empty(0)

@@ -181,7 +181,7 @@ def losses_gan_forward(first: Tensor, second: Tensor, term0: int, param0: float,
     scales = [1.0 / n if reduction == _MEAN and n else 1.0 for n in (n0, n1)]
     grads = [t.new_empty(t.shape if need_grad else (0,)) for t in (first, second)]
     blocks = triton.cdiv(max(n0, n1), _GAN_BLOCK)
-    out = first.new_empty(n0) if per_element else None
+    out = first.new_empty(first.shape) if per_element else None
     partial = [first.new_empty(blocks, dtype=torch.float64) for _ in range(2)]
     if blocks:
         _gan_kernel[(blocks,)](first, second, *grads, out, *partial, n0, n1, param0, param1, *scales,
