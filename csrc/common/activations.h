@@ -97,6 +97,33 @@ GENFAST_HD T softplus(T z) {
   return M::select(z > T(kSoftplusThreshold), z, M::log1p(M::exp(z)));
 }
 
+// mish from one exp and one division (the CUDA kernels' IEEE division is a subroutine call: more of
+// them spilled registers to the stack). With e = e^z: tanh(softplus(z)) = n / (n + 2), n = e (e + 2);
+// 1 - tanh^2 = d (2 - d), d = 2 / (n + 2), without the cancellation of 1 - t^2 near t = 1. z is clamped
+// at kMishClamp, past which t is 1 to double precision (the derivative takes 1 there).
+constexpr double kMishClamp = 20.0;
+
+template <typename M, typename T>
+GENFAST_HD T mish_exp(T z) {
+  return M::exp(M::select(z > T(kMishClamp), T(kMishClamp), z));
+}
+
+template <typename M, typename T>
+GENFAST_HD T mish(T z) {
+  const T e = mish_exp<M>(z), n = e * (e + T(2));
+  return z * (n / (n + T(2)));
+}
+
+// d mish / dz = t + z sigmoid(z) (1 - t^2), t = tanh(softplus(z)), as eager's mish_backward; 1 / (n + 2)
+// and 1 / (e + 1) from one division of their product (at most ~1e26 at the clamp: finite in float).
+template <typename M, typename T>
+GENFAST_HD T mish_derivative(T z) {
+  const T e = mish_exp<M>(z), n = e * (e + T(2)), a = n + T(2), b = e + T(1);
+  const T inv = T(1) / (a * b), d = T(2) * (b * inv);
+  const T t = n * (b * inv), sigmoid = e * (a * inv);
+  return M::select(z > T(kMishClamp), T(1), t + z * sigmoid * (d * (T(2) - d)));
+}
+
 // y = act(z). NaN stays NaN (relu: "z < 0" is false for NaN), as in eager PyTorch.
 template <typename M = ScalarMath, typename T>
 GENFAST_HD T act_forward(Act a, T z, T slope) {
@@ -110,7 +137,7 @@ GENFAST_HD T act_forward(Act a, T z, T slope) {
     case Act::Sigmoid: return one / (one + M::exp(zero - z));
     case Act::Tanh: return M::tanh(z);
     case Act::Softplus: return softplus<M>(z);
-    case Act::Mish: return z * M::tanh(softplus<M>(z));
+    case Act::Mish: return mish<M>(z);
     default: return z;
   }
 }
@@ -149,10 +176,7 @@ GENFAST_HD T act_derivative(Act a, T s, T slope) {
       const T e = M::exp(s);
       return M::select(s > T(kSoftplusThreshold), one, e / (e + one));
     }
-    case Act::Mish: {  // eager's mish_backward: tanh(sp) + z sigmoid(z) (1 - tanh(sp)^2), sp = softplus(z)
-      const T t = M::tanh(softplus<M>(s));
-      return t + s * (one / (one + M::exp(zero - s))) * (one - t * t);
-    }
+    case Act::Mish: return mish_derivative<M>(s);
     default: return one;
   }
 }

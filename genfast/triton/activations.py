@@ -25,6 +25,7 @@ SAVES_CODE = {"none": 0, "mask": SAVES_MASK, "output": SAVES_OUTPUT, "preact": S
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # (the interpreter needs constexprs right of tensors)
 _SOFTPLUS_THRESHOLD = tl.constexpr(SOFTPLUS_THRESHOLD)
+_MISH_CLAMP = tl.constexpr(20.0)  # csrc/common/activations.h's kMishClamp
 
 
 def saves_code(act: int) -> int:
@@ -61,6 +62,26 @@ def _softplus(z):
 
 
 @triton.jit
+def _mish(z):
+    # As csrc/common/activations.h's mish: one exp, t = tanh(softplus(z)) = n / (n + 2), n = e (e + 2).
+    e = exp(tl.where(z > _MISH_CLAMP, _MISH_CLAMP, z))
+    n = e * (e + 2.0)
+    return z * (n / (n + 2.0))
+
+
+@triton.jit
+def _mish_derivative(z):
+    # t + z sigmoid(z) (1 - t^2) with 1 - t^2 = d (2 - d), d = 2 / (n + 2); one division; 1 past the clamp.
+    e = exp(tl.where(z > _MISH_CLAMP, _MISH_CLAMP, z))
+    n = e * (e + 2.0)
+    a = n + 2.0
+    b = e + 1.0
+    inv = 1.0 / (a * b)
+    d = 2.0 * (b * inv)
+    return tl.where(z > _MISH_CLAMP, 1.0, n * (b * inv) + z * (e * (a * inv)) * (d * (2.0 - d)))
+
+
+@triton.jit
 def act_forward(z, slope, ACT: tl.constexpr):
     if ACT == RELU:
         return tl.where(z < 0, 0.0, z)  # NaN stays NaN, as in torch.relu
@@ -79,7 +100,7 @@ def act_forward(z, slope, ACT: tl.constexpr):
     elif ACT == SOFTPLUS:
         return _softplus(z)
     elif ACT == MISH:
-        return z * _tanh(_softplus(z))
+        return _mish(z)
     else:
         return z
 
@@ -113,7 +134,6 @@ def act_derivative(s, ACT: tl.constexpr):
     elif ACT == SOFTPLUS:
         return tl.where(s > _SOFTPLUS_THRESHOLD, 1.0, sigmoid(s))
     elif ACT == MISH:
-        t = _tanh(_softplus(s))
-        return t + s * sigmoid(s) * (1.0 - t * t)
+        return _mish_derivative(s)
     else:
         return tl.full(s.shape, 1.0, s.dtype)
