@@ -73,22 +73,39 @@ def extension():
     args = {"cxx": opt + cpu_vector_flags() + openmp_flags()}  # -std is PyTorch's choice (C++17 or C++20)
     if not cuda:
         print("genfast build: CPU-only extension", file=sys.stderr)
-        return CppExtension("genfast._C", sources, include_dirs=[os.path.abspath("csrc")],
-                            define_macros=macros, extra_compile_args=args, extra_link_args=openmp_flags())
+        return CppExtension(
+            "genfast._C",
+            sources,
+            include_dirs=[os.path.abspath("csrc")],
+            define_macros=macros,
+            extra_compile_args=args,
+            extra_link_args=openmp_flags(),
+        )
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     print(f"genfast build: CUDA {torch.version.cuda} extension for {archs} ({CUDA_HOME})", file=sys.stderr)
     macros += [("GENFAST_WITH_CUDA", None), ("GENFAST_CUDA_ARCHS", f'"{archs}"')]
     args["cxx"].append("-DGENFAST_WITH_CUDA")
     args["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
     cccl = os.path.join(CUDA_HOME, "include", "cccl")
-    include_dirs = [os.path.abspath("csrc")] + ([cccl] if os.path.isdir(cccl) else []) + pip_cuda_dirs("include")
+    include_dirs = (
+        [os.path.abspath("csrc")] + ([cccl] if os.path.isdir(cccl) else []) + pip_cuda_dirs("include")
+    )
     library_dirs = pip_cuda_dirs("lib")
     # The pip wheel ships only libcublasLt.so.13 (no unversioned link); PyTorch loads it first.
-    cublaslt = [f"-l:{os.path.basename(p)}" for d in library_dirs
-                for p in sorted(glob.glob(os.path.join(d, "libcublasLt.so.*")))[:1]] or ["-lcublasLt"]
-    return CUDAExtension("genfast._C", sources + sorted(glob.glob("csrc/*/*_cuda.cu")),
-                         include_dirs=include_dirs, library_dirs=library_dirs, define_macros=macros,
-                         extra_compile_args=args, extra_link_args=cublaslt + openmp_flags())
+    cublaslt = [
+        f"-l:{os.path.basename(p)}"
+        for d in library_dirs
+        for p in sorted(glob.glob(os.path.join(d, "libcublasLt.so.*")))[:1]
+    ] or ["-lcublasLt"]
+    return CUDAExtension(
+        "genfast._C",
+        sources + sorted(glob.glob("csrc/*/*_cuda.cu")),
+        include_dirs=include_dirs,
+        library_dirs=library_dirs,
+        define_macros=macros,
+        extra_compile_args=args,
+        extra_link_args=cublaslt + openmp_flags(),
+    )
 
 
 def local_version() -> str:

@@ -80,8 +80,12 @@ class Outcome:
 def find_sanitizer() -> str | None:
     """compute-sanitizer: on PATH, in $CUDA_HOME, /usr/local/cuda*, or an nvidia-* pip package."""
     candidates = [shutil.which("compute-sanitizer")]
-    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
-             *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    roots = [
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        "/usr/local/cuda",
+        *sorted(glob.glob("/usr/local/cuda-*"), reverse=True),
+    ]
     for root in filter(None, roots):
         candidates += [f"{root}/bin/compute-sanitizer", f"{root}/compute-sanitizer/compute-sanitizer"]
     for site in sys.path:
@@ -112,23 +116,36 @@ def plan(dry: bool, out: Path, sanitizer: str | None) -> list[Step]:
     ]
     if not dry:
         return steps
-    reduced = {"build": (["make", "-n", *steps[0].command[1:]], "make -n"),
-               "kernels": ([*kernel_pass[:3], "--device", "cpu", "--backend", "cpu"], "the cpu backend"),
-               "pytest -m gpu": ([*pytest, "--collect-only"], "collected, not run"),
-               "bench": ([*bench, "--device", "cpu", "--cases", "losses"], "cpu, losses only")}
-    found = (f"compute-sanitizer: {sanitizer}" if sanitizer
-             else "compute-sanitizer not found (a GPU run fails this step)")
+    reduced = {
+        "build": (["make", "-n", *steps[0].command[1:]], "make -n"),
+        "kernels": ([*kernel_pass[:3], "--device", "cpu", "--backend", "cpu"], "the cpu backend"),
+        "pytest -m gpu": ([*pytest, "--collect-only"], "collected, not run"),
+        "bench": ([*bench, "--device", "cpu", "--cases", "losses"], "cpu, losses only"),
+    }
+    found = (
+        f"compute-sanitizer: {sanitizer}"
+        if sanitizer
+        else "compute-sanitizer not found (a GPU run fails this step)"
+    )
     dry_steps = []
     for step in steps:
         if step.name in reduced:
             command, note = reduced[step.name]
-            dry_steps.append(dataclasses.replace(step, command=command, gpu_command=step.command,
-                                                 note=f"dry: {note}"))
+            dry_steps.append(
+                dataclasses.replace(step, command=command, gpu_command=step.command, note=f"dry: {note}")
+            )
         else:  # a sanitizer step: the kernel pass's own parser checks its arguments, as on the GPU
-            inner = step.command[step.command.index(py):]
-            dry_steps.append(dataclasses.replace(step, command=[*inner, "--help"], gpu_command=step.command,
-                                                 summary=None, missing=None,
-                                                 note=f"dry: arguments checked, not run; {found}"))
+            inner = step.command[step.command.index(py) :]
+            dry_steps.append(
+                dataclasses.replace(
+                    step,
+                    command=[*inner, "--help"],
+                    gpu_command=step.command,
+                    summary=None,
+                    missing=None,
+                    note=f"dry: arguments checked, not run; {found}",
+                )
+            )
     return dry_steps
 
 
@@ -136,9 +153,11 @@ _KERNEL_PASS = r"kernel pass: \d+ calls.*"
 _PYTEST = r"(\d+ \w+.* in [\d.]+s.*)|(\d+.* tests? collected.*)"
 # (step, the kernel pass's arguments): racecheck is slow, and only genfast's kernels share memory in ways it
 # can judge; memcheck checks every launch (cuBLASLt's reads and writes of genfast's buffers too).
-_SANITIZER_PASSES = (("memcheck (cuda)", ["--backend", "cuda"]),
-                     ("racecheck (cuda)", ["--backend", "cuda", "--light"]),
-                     ("memcheck (triton)", ["--backend", "triton", "--light"]))
+_SANITIZER_PASSES = (
+    ("memcheck (cuda)", ["--backend", "cuda"]),
+    ("racecheck (cuda)", ["--backend", "cuda", "--light"]),
+    ("memcheck (triton)", ["--backend", "triton", "--light"]),
+)
 
 
 def _sanitized(name: str, sanitizer: str | None, kernel_pass: list[str]) -> Step:
@@ -148,17 +167,33 @@ def _sanitized(name: str, sanitizer: str | None, kernel_pass: list[str]) -> Step
     filters = ["--kernel-name", "kns=genfast"] if tool == "racecheck" else []
     # memcheck: PyTorch's caching allocator off, so that every tensor is an allocation of its own
     env = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} if tool == "memcheck" else {}
-    command = [sanitizer or "compute-sanitizer", "--tool", tool, "--error-exitcode", "1", "--report-api-errors",
-               "no", *filters, *kernel_pass]
-    return Step(name, command, 75 if name == "memcheck (cuda)" else 60, 30,
-                r"(=+ (ERROR|RACECHECK) SUMMARY: .*)|(" + _KERNEL_PASS + ")", env,
-                None if sanitizer else f"compute-sanitizer not found ({SANITIZER_PLACES}): skipped")
+    command = [
+        sanitizer or "compute-sanitizer",
+        "--tool",
+        tool,
+        "--error-exitcode",
+        "1",
+        "--report-api-errors",
+        "no",
+        *filters,
+        *kernel_pass,
+    ]
+    return Step(
+        name,
+        command,
+        75 if name == "memcheck (cuda)" else 60,
+        30,
+        r"(=+ (ERROR|RACECHECK) SUMMARY: .*)|(" + _KERNEL_PASS + ")",
+        env,
+        None if sanitizer else f"compute-sanitizer not found ({SANITIZER_PLACES}): skipped",
+    )
 
 
 def run_step(step: Step, timeout: float, log: Path) -> Outcome:
     """Run `step` for at most `timeout` seconds, its output to the console and `log`; how it went."""
-    command = step.command + (["--time-budget", f"{max(timeout - _BENCH_REPORT_S, 1):.0f}"]
-                              if step.time_budget_flag else [])
+    command = step.command + (
+        ["--time-budget", f"{max(timeout - _BENCH_REPORT_S, 1):.0f}"] if step.time_budget_flag else []
+    )
     print(f"\n=== gpu-check: {step.name} (at most {timeout:.0f} s): {' '.join(command)}", flush=True)
     if step.gpu_command:
         print(f"=== (dry; on a GPU: {' '.join(step.gpu_command)})", flush=True)
@@ -167,8 +202,14 @@ def run_step(step: Step, timeout: float, log: Path) -> Outcome:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **step.env}
     with open(log, "wb") as sink:
         try:
-            proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # its own process group: a timeout ends all of it
+            proc = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # its own process group: a timeout ends all of it
         except OSError as error:
             return Outcome(step.name, "FAILED", 0.0, f"could not start: {error}")
         reader = threading.Thread(target=_copy, args=(proc.stdout, sink, tail), daemon=True)
@@ -234,19 +275,25 @@ def check(dry: bool, budget: float, out: Path, logs: Path) -> tuple[list[Outcome
     steps = plan(dry, out, find_sanitizer())
     outcomes = []
     for i, step in enumerate(steps):
-        runnable = [s for s in steps[i + 1:] if s.missing is None]
+        runnable = [s for s in steps[i + 1 :] if s.missing is None]
         room = budget - (time.monotonic() - start) - sum(s.floor for s in runnable)
         if step.missing:
             outcome = Outcome(step.name, "FAILED", 0.0, step.missing)
         elif room < step.floor:
-            outcome = Outcome(step.name, "FAILED", 0.0,
-                              f"not run: {max(room, 0):.0f} s of the {budget:.0f} s budget left for it, "
-                              f"it needs {step.floor:.0f} s")
+            outcome = Outcome(
+                step.name,
+                "FAILED",
+                0.0,
+                f"not run: {max(room, 0):.0f} s of the {budget:.0f} s budget left for it, "
+                f"it needs {step.floor:.0f} s",
+            )
         else:
             slug = re.sub(r"[^a-z0-9]+", "-", step.name.lower()).strip("-")
             outcome = run_step(step, min(step.cap, room), logs / f"{i + 1}-{slug}.log")
-        print(f"=== gpu-check: {outcome.step}: {outcome.status} in {outcome.seconds:.1f} s: {outcome.detail}",
-              flush=True)
+        print(
+            f"=== gpu-check: {outcome.step}: {outcome.status} in {outcome.seconds:.1f} s: {outcome.detail}",
+            flush=True,
+        )
         outcomes.append(outcome)
     return outcomes, time.monotonic() - start
 
@@ -255,20 +302,32 @@ def summary_lines(record: dict) -> list[str]:
     """The run's summary as Markdown: a sentence, then a table of steps (also in the results' report)."""
     steps = record["steps"]
     passed = sum(step["status"] == "passed" for step in steps)
-    lines = [f"`make gpu-check{' DRY=1' if record['dry'] else ''}` at {record['commit']} on {record['device']}: "
-             f"{passed} of {len(steps)} steps passed, {record['total_s']:.0f} s of a {record['budget_s']:.0f} s "
-             "budget.", "", "| step | status | seconds | detail |", "|---|---|---|---|"]
-    lines += [f"| {s['step']} | {s['status']} | {s['seconds']:.1f} | {s['detail'].replace('|', '/')} |"
-              for s in steps]
+    lines = [
+        f"`make gpu-check{' DRY=1' if record['dry'] else ''}` at {record['commit']} on {record['device']}: "
+        f"{passed} of {len(steps)} steps passed, {record['total_s']:.0f} s of a {record['budget_s']:.0f} s "
+        "budget.",
+        "",
+        "| step | status | seconds | detail |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {s['step']} | {s['status']} | {s['seconds']:.1f} | {s['detail'].replace('|', '/')} |"
+        for s in steps
+    ]
     return lines
 
 
 def _describe() -> tuple[str, str]:
     """The commit (-dirty if the tree differs from it) and the GPU, asked of git and nvidia-smi."""
+
     def ask(*command: str) -> str | None:
         try:
-            return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=30,
-                                  check=True).stdout.strip() or None
+            return (
+                subprocess.run(
+                    command, cwd=REPO, capture_output=True, text=True, timeout=30, check=True
+                ).stdout.strip()
+                or None
+            )
         except (OSError, subprocess.SubprocessError):
             return None
 
@@ -291,21 +350,37 @@ def _record_in_results(record: dict, out: Path, since: float) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--dry", action="store_true", help="the reduced form of each step, on the CPU")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole check")
-    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; dry: a new "
-                                                 "temporary folder)")
+    parser.add_argument(
+        "--out", type=Path, help="results folder (default benchmarks/results; dry: a new temporary folder)"
+    )
     parser.add_argument("--logs", type=Path, default=REPO / "build" / "gpu-check", help="each step's output")
     args = parser.parse_args(argv)
-    out = (args.out or (Path(tempfile.mkdtemp(prefix="genfast-gpu-check-")) if args.dry
-                        else REPO / "benchmarks" / "results")).resolve()
+    out = (
+        args.out
+        or (
+            Path(tempfile.mkdtemp(prefix="genfast-gpu-check-"))
+            if args.dry
+            else REPO / "benchmarks" / "results"
+        )
+    ).resolve()
     commit, device = _describe()
     started = time.time()
     outcomes, seconds = check(args.dry, args.budget, out, args.logs)
-    record = {"dry": args.dry, "commit": commit, "device": "the CPU (dry run)" if args.dry else device,
-              "budget_s": args.budget, "total_s": seconds, "steps": [dataclasses.asdict(o) for o in outcomes]}
+    record = {
+        "dry": args.dry,
+        "commit": commit,
+        "device": "the CPU (dry run)" if args.dry else device,
+        "budget_s": args.budget,
+        "total_s": seconds,
+        "steps": [dataclasses.asdict(o) for o in outcomes],
+    }
     problem = _record_in_results(record, out, started)
     lines = summary_lines(record)
     (args.logs / "summary.md").write_text("\n".join(lines) + "\n")

@@ -34,8 +34,11 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_pass", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kernel_pass",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--backend", nargs="+", choices=("cuda", "triton", "cpu"), default=["cuda"])
     parser.add_argument("--light", action="store_true", help="float32 and bfloat16 only")
@@ -46,8 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import genfast
 
-    print(f"kernel pass on {args.device}: torch {torch.__version__}, CUDA {torch.version.cuda}, "
-          f"genfast build {genfast.build_info()}", flush=True)
+    print(
+        f"kernel pass on {args.device}: torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"genfast build {genfast.build_info()}",
+        flush=True,
+    )
     if args.device == "cuda" and not torch.cuda.is_available():
         print("kernel pass: torch sees no CUDA device", file=sys.stderr)
         return 1
@@ -60,8 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _dense(checker, dtype)
                 _reparam(checker, dtype)
                 _losses(checker, dtype)
-        print(f"kernel pass: backend {backend}: {checker.calls - calls} calls, forward and backward, "
-              f"{time.monotonic() - start:.1f} s", flush=True)
+        print(
+            f"kernel pass: backend {backend}: {checker.calls - calls} calls, forward and backward, "
+            f"{time.monotonic() - start:.1f} s",
+            flush=True,
+        )
     if args.device == "cuda":
         torch.cuda.synchronize()  # a kernel's fault surfaces here at the latest
     for failure in checker.failures:
@@ -76,7 +85,9 @@ class _Checker:
     def __init__(self, device):
         self.device, self.calls, self.failures = device, 0, []
 
-    def tensor(self, shape: tuple[int, ...], dtype: str, offset: int = 0, scale: float = 1.0, grad: bool = True):
+    def tensor(
+        self, shape: tuple[int, ...], dtype: str, offset: int = 0, scale: float = 1.0, grad: bool = True
+    ):
         """Random normal values on the device; `offset` elements into a larger buffer (an unaligned view)."""
         import math
 
@@ -96,20 +107,29 @@ class _Checker:
         # of rounding errors.
         seeds = [torch.rand_like(o) + 0.5 for o in outputs]
         grads = torch.autograd.grad(outputs, wrt, seeds)
-        exact = tuple(t.detach().cpu().double().requires_grad_(t.requires_grad)
-                      if isinstance(t, torch.Tensor) and t.is_floating_point() else
-                      t.cpu() if isinstance(t, torch.Tensor) else t for t in inputs)
+        exact = tuple(
+            t.detach().cpu().double().requires_grad_(t.requires_grad)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()
+            else t.cpu()
+            if isinstance(t, torch.Tensor)
+            else t
+            for t in inputs
+        )
         detached = tuple(o.detach().cpu().double() for o in outputs)
         want_outputs = _as_tuple(reference(detached, *exact))
         want_wrt = [t for t in exact if isinstance(t, torch.Tensor) and t.requires_grad]
         want_grads = torch.autograd.grad(want_outputs, want_wrt, [s.cpu().double() for s in seeds])
-        for label, got, want in [*((f"output {i}", o, w) for i, (o, w) in enumerate(zip(outputs, want_outputs))),
-                                 *((f"gradient {i}", g, w) for i, (g, w) in enumerate(zip(grads, want_grads)))]:
+        for label, got, want in [
+            *((f"output {i}", o, w) for i, (o, w) in enumerate(zip(outputs, want_outputs))),
+            *((f"gradient {i}", g, w) for i, (g, w) in enumerate(zip(grads, want_grads))),
+        ]:
             got = got.detach().cpu().double()
             error = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
             if got.shape != want.shape or not torch.isfinite(got).all() or not error <= _TOLERANCE[dtype]:
-                self.failures.append(f"{name} {dtype} {label}: shape {tuple(got.shape)} vs {tuple(want.shape)}, "
-                                     f"relative error {error:.2e} (allowed {_TOLERANCE[dtype]:.0e})")
+                self.failures.append(
+                    f"{name} {dtype} {label}: shape {tuple(got.shape)} vs {tuple(want.shape)}, "
+                    f"relative error {error:.2e} (allowed {_TOLERANCE[dtype]:.0e})"
+                )
 
 
 def _as_tuple(value) -> tuple:
@@ -124,11 +144,18 @@ def _dense(checker: _Checker, dtype: str) -> None:
     # then sizes cuBLASLt may refuse (odd, unaligned), no bias.
     for rows, n_in, n_out, bias in ((130, 24, 40, True), (7, 13, 5, False)):
         for activation in sorted(genfast.ACTIVATIONS):
-            inputs = (checker.tensor((rows, n_in), dtype), checker.tensor((n_out, n_in), dtype, scale=n_in**-0.5),
-                      checker.tensor((n_out,), dtype) if bias else None)
-            checker.check(f"fused_dense {activation} {rows}x{n_in}->{n_out}", dtype,
-                          lambda x, w, b, a=activation: genfast.fused_dense(x, w, b, a, 0.1),
-                          lambda _, x, w, b, a=activation: reference.fused_dense(x, w, b, a, 0.1), inputs)
+            inputs = (
+                checker.tensor((rows, n_in), dtype),
+                checker.tensor((n_out, n_in), dtype, scale=n_in**-0.5),
+                checker.tensor((n_out,), dtype) if bias else None,
+            )
+            checker.check(
+                f"fused_dense {activation} {rows}x{n_in}->{n_out}",
+                dtype,
+                lambda x, w, b, a=activation: genfast.fused_dense(x, w, b, a, 0.1),
+                lambda _, x, w, b, a=activation: reference.fused_dense(x, w, b, a, 0.1),
+                inputs,
+            )
 
 
 def _reparam(checker: _Checker, dtype: str) -> None:
@@ -146,16 +173,31 @@ def _reparam(checker: _Checker, dtype: str) -> None:
     for rows, cols, offset in ((5, 8, 0), (3, 7, 1), (2, 4099, 0)):
         shape = f"{rows}x{cols}" + (" unaligned" if offset else "")
         pair = (checker.tensor((rows, cols), dtype, offset), checker.tensor((rows, cols), dtype, offset, 0.5))
-        checker.check(f"reparameterize {shape}", dtype, genfast.reparameterize,
-                      lambda out, mu, logvar: with_noise_of(out[0], mu, logvar), pair)
+        checker.check(
+            f"reparameterize {shape}",
+            dtype,
+            genfast.reparameterize,
+            lambda out, mu, logvar: with_noise_of(out[0], mu, logvar),
+            pair,
+        )
         for reduction in _REDUCTIONS:
-            checker.check(f"kl_divergence {reduction} {shape}", dtype,
-                          lambda mu, logvar, r=reduction: genfast.kl_divergence(mu, logvar, r),
-                          lambda _, mu, logvar, r=reduction: reference.kl_divergence(mu, logvar, r), pair)
-            checker.check(f"reparameterize_kl {reduction} {shape}", dtype,
-                          lambda mu, logvar, r=reduction: genfast.reparameterize_kl(mu, logvar, r),
-                          lambda out, mu, logvar, r=reduction: (with_noise_of(out[0], mu, logvar),
-                                                                reference.kl_divergence(mu, logvar, r)), pair)
+            checker.check(
+                f"kl_divergence {reduction} {shape}",
+                dtype,
+                lambda mu, logvar, r=reduction: genfast.kl_divergence(mu, logvar, r),
+                lambda _, mu, logvar, r=reduction: reference.kl_divergence(mu, logvar, r),
+                pair,
+            )
+            checker.check(
+                f"reparameterize_kl {reduction} {shape}",
+                dtype,
+                lambda mu, logvar, r=reduction: genfast.reparameterize_kl(mu, logvar, r),
+                lambda out, mu, logvar, r=reduction: (
+                    with_noise_of(out[0], mu, logvar),
+                    reference.kl_divergence(mu, logvar, r),
+                ),
+                pair,
+            )
 
 
 def _losses(checker: _Checker, dtype: str) -> None:
@@ -168,27 +210,48 @@ def _losses(checker: _Checker, dtype: str) -> None:
     rows, width, latent = 300, 33, 5  # 300 rows: past one 256-thread block, so the last-block reduction runs
     for recon_loss in ("bce", "mse"):
         for uint8_target in (False, True):
-            target = (torch.randint(0, 256, (rows, width), dtype=torch.uint8, device=checker.device)
-                      if uint8_target else torch.rand(rows, width, dtype=getattr(torch, dtype), device=checker.device))
-            inputs = (checker.tensor((rows, width), dtype), target, checker.tensor((rows, latent), dtype),
-                      checker.tensor((rows, latent), dtype, scale=0.5))
+            target = (
+                torch.randint(0, 256, (rows, width), dtype=torch.uint8, device=checker.device)
+                if uint8_target
+                else torch.rand(rows, width, dtype=getattr(torch, dtype), device=checker.device)
+            )
+            inputs = (
+                checker.tensor((rows, width), dtype),
+                target,
+                checker.tensor((rows, latent), dtype),
+                checker.tensor((rows, latent), dtype, scale=0.5),
+            )
             for reduction in _REDUCTIONS:
-                checker.check(f"elbo_loss {recon_loss} {reduction} {target.dtype} target", dtype,
-                              lambda *a, k=recon_loss, r=reduction: genfast.elbo_loss(*a, 0.5, k, r, True),
-                              lambda _, *a, k=recon_loss, r=reduction: reference.elbo_terms(*a, 0.5, k, r), inputs)
+                checker.check(
+                    f"elbo_loss {recon_loss} {reduction} {target.dtype} target",
+                    dtype,
+                    lambda *a, k=recon_loss, r=reduction: genfast.elbo_loss(*a, 0.5, k, r, True),
+                    lambda _, *a, k=recon_loss, r=reduction: reference.elbo_terms(*a, 0.5, k, r),
+                    inputs,
+                )
     # 2500 logits: three of the GAN kernels' 1024-element blocks, the last one partial.
     logits = (checker.tensor((2500,), dtype), checker.tensor((2500,), dtype))
     for kind in sorted(GAN_KINDS):
         smoothing = 0.1 if GAN_KINDS[kind].smoothable else 0.0
         for reduction in _REDUCTIONS:
-            checker.check(f"discriminator_loss {kind} {reduction}", dtype,
-                          lambda real, fake, k=kind, s=smoothing, r=reduction:
-                          genfast.discriminator_loss(real, fake, k, s, r),
-                          lambda _, real, fake, k=kind, s=smoothing, r=reduction:
-                          reference.discriminator_loss(real, fake, k, s, r), logits)
-            checker.check(f"generator_loss {kind} {reduction}", dtype,
-                          lambda fake, k=kind, r=reduction: genfast.generator_loss(fake, k, r),
-                          lambda _, fake, k=kind, r=reduction: reference.generator_loss(fake, k, r), logits[1:])
+            checker.check(
+                f"discriminator_loss {kind} {reduction}",
+                dtype,
+                lambda real, fake, k=kind, s=smoothing, r=reduction: genfast.discriminator_loss(
+                    real, fake, k, s, r
+                ),
+                lambda _, real, fake, k=kind, s=smoothing, r=reduction: reference.discriminator_loss(
+                    real, fake, k, s, r
+                ),
+                logits,
+            )
+            checker.check(
+                f"generator_loss {kind} {reduction}",
+                dtype,
+                lambda fake, k=kind, r=reduction: genfast.generator_loss(fake, k, r),
+                lambda _, fake, k=kind, r=reduction: reference.generator_loss(fake, k, r),
+                logits[1:],
+            )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ def plot_family(rows: list[dict], title: str, path: Path) -> None:
     height = min(MAX_INCHES[1], _FRAME_INCHES + _ROW_INCHES * len(labels))
     # Many cases are squeezed into the height cap: the labels shrink with the lines rather than overlap.
     fontsize = min(8.0, 0.75 * 72 * (height - _FRAME_INCHES) / len(labels))
-    fig, axes = plt.subplots(1, len(modes), sharex=True, sharey=True, squeeze=False, figsize=(width, height),
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(modes), sharex=True, sharey=True, squeeze=False, figsize=(width, height), layout="constrained"
+    )
     for ax, mode in zip(axes[0], modes):
         _panel(ax, [row for row in rows if row["params"]["mode"] == mode], labels, styles, limits)
         ax.set_title(mode, fontsize=9)
@@ -44,7 +45,9 @@ def plot_family(rows: list[dict], title: str, path: Path) -> None:
     fig.suptitle("\n".join(textwrap.fill(line, int(14 * width)) for line in title.splitlines()), fontsize=8)
     handles = [Line2D([], [], linestyle="", label=key, **style) for key, style in styles.items()]
     # A legend entry takes about 2.4 inches: in as many rows as the width needs.
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), int(width // 2.4)), fontsize=8)
+    fig.legend(
+        handles=handles, loc="outside lower center", ncols=min(len(handles), int(width // 2.4)), fontsize=8
+    )
     temporary = path.with_suffix(".png.tmp")
     fig.savefig(temporary, format="png", dpi=DPI)
     plt.close(fig)
@@ -60,11 +63,18 @@ def _styles(keys: list[str]) -> dict[str, dict]:
     """A colour per baseline (eager, compile) and a marker per genfast backend, for each baseline/genfast key."""
     baselines = list(dict.fromkeys(key.split("/")[0] for key in keys))
     backends = list(dict.fromkeys(key.split("/")[1] for key in keys))
-    return {key: {"color": f"C{baselines.index(key.split('/')[0])}",
-                  "marker": _MARKERS[backends.index(key.split("/")[1]) % len(_MARKERS)]} for key in keys}
+    return {
+        key: {
+            "color": f"C{baselines.index(key.split('/')[0])}",
+            "marker": _MARKERS[backends.index(key.split("/")[1]) % len(_MARKERS)],
+        }
+        for key in keys
+    }
 
 
-def _panel(ax, rows: list[dict], labels: list[str], styles: dict[str, dict], limits: tuple[float, float]) -> None:
+def _panel(
+    ax, rows: list[dict], labels: list[str], styles: dict[str, dict], limits: tuple[float, float]
+) -> None:
     ax.set_xscale("log")
     ax.set_xlim(*limits)
     ax.axvspan(limits[0], 1, color="tab:red", alpha=0.06, linewidth=0)

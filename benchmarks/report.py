@@ -12,13 +12,15 @@ from benchmarks import gpu_check
 from benchmarks.environment import slug
 from benchmarks.plot import plot_family
 
-_METHOD = ("Median of many calls after warm-up ({clock}); the contenders alternate for {rounds} round(s), "
-           "each keeping its best median. Ratios are baseline time / genfast time: "
-           "> 1 means genfast is faster. forward runs as in training (the inputs that take gradients require them); "
-           "backward is timed alone on a retained graph; both is forward + backward; "
-           "a train step is forward, backward and the optimizer step (steps/s from the same median); "
-           "an overhead case is one call of the op, forward and backward, at a small shape (µs/call from the same "
-           "median).")
+_METHOD = (
+    "Median of many calls after warm-up ({clock}); the contenders alternate for {rounds} round(s), "
+    "each keeping its best median. Ratios are baseline time / genfast time: "
+    "> 1 means genfast is faster. forward runs as in training (the inputs that take gradients require them); "
+    "backward is timed alone on a retained graph; both is forward + backward; "
+    "a train step is forward, backward and the optimizer step (steps/s from the same median); "
+    "an overhead case is one call of the op, forward and backward, at a small shape (µs/call from the same "
+    "median)."
+)
 # Figures some families give per contender besides its time: (result key, column unit).
 _PER_CONTENDER = (("steps_per_s", "steps/s"), ("us_per_call", "µs/call"))
 
@@ -40,8 +42,12 @@ def render(json_path: Path) -> list[Path]:
     plots = {}
     for family, family_rows in _by_family(rows).items():
         plots[family] = json_path.with_name(f"{json_path.stem}-{family}.png")
-        plot_family(family_rows, f"genfast {family}: baseline time / genfast time, log scale (> 1: genfast faster)\n"
-                    + _provenance(header), plots[family])
+        plot_family(
+            family_rows,
+            f"genfast {family}: baseline time / genfast time, log scale (> 1: genfast faster)\n"
+            + _provenance(header),
+            plots[family],
+        )
     md = json_path.with_suffix(".md")
     md.write_text(markdown(header, rows, {family: path.name for family, path in plots.items()}))
     return [md, *plots.values()]
@@ -81,13 +87,19 @@ def summary(rows: list[dict]) -> dict[str, dict[str, Summary]]:
 
 def _summary_table(rows: list[dict], plots: dict[str, str]) -> list[str]:
     keys = _ratio_keys(rows)
-    lines = ["Geometric mean of the ratios (baseline time / genfast time, > 1: genfast faster) per op family, "
-             "with their min–max and the number of cases; each family links to its plot.", "",
-             "| family | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    lines = [
+        "Geometric mean of the ratios (baseline time / genfast time, > 1: genfast faster) per op family, "
+        "with their min–max and the number of cases; each family links to its plot.",
+        "",
+        "| family | " + " | ".join(keys) + " |",
+        "|" + "---|" * (len(keys) + 1),
+    ]
     for family, by_key in summary(rows).items():
         cells = [f"[{family}]({plots[family]})" if family in plots else family]
-        cells += [f"**{s.geomean:.2f}** ({s.low:.2f}–{s.high:.2f}, {s.cases})" if (s := by_key.get(key)) else "—"
-                  for key in keys]
+        cells += [
+            f"**{s.geomean:.2f}** ({s.low:.2f}–{s.high:.2f}, {s.cases})" if (s := by_key.get(key)) else "—"
+            for key in keys
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -96,17 +108,22 @@ def _provenance(header: dict) -> str:
     git = header["git"]
     commit = f"{(git['commit'] or 'unknown')[:12]}{' (dirty)' if git['dirty'] else ''}"
     build = header["genfast"]
-    load = ", ".join(f"{when} {'/'.join(f'{v:.1f}' for v in values)}"
-                     for when, values in header["load_average"].items())
+    load = ", ".join(
+        f"{when} {'/'.join(f'{v:.1f}' for v in values)}" for when, values in header["load_average"].items()
+    )
     settings = header["settings"]
     # A quick or time-limited run says so wherever its numbers appear.
     scope = (", quick run (few shapes and repeats)" if settings.get("quick") else "") + (
         f", {len(settings['not_run'])} case(s) not run: the {settings['time_budget_s']:g} s time budget ran out"
-        if settings.get("not_run") else "")
-    return (f"commit {commit}, {header['date']}, {header['device']}, driver {header['driver'] or 'n/a'}, "
-            f"torch {header['torch']}, triton {header['triton'] or 'n/a'}, CUDA {header['cuda'] or 'n/a'}, "
-            f"genfast {build['version']} (backends {', '.join(build['backends'])}), "
-            f"{header['threads']} threads, load average (1/5/15 min) {load}{scope}")
+        if settings.get("not_run")
+        else ""
+    )
+    return (
+        f"commit {commit}, {header['date']}, {header['device']}, driver {header['driver'] or 'n/a'}, "
+        f"torch {header['torch']}, triton {header['triton'] or 'n/a'}, CUDA {header['cuda'] or 'n/a'}, "
+        f"genfast {build['version']} (backends {', '.join(build['backends'])}), "
+        f"{header['threads']} threads, load average (1/5/15 min) {load}{scope}"
+    )
 
 
 def _contenders(rows: list[dict]) -> list[str]:
@@ -126,11 +143,24 @@ def markdown(header: dict, rows: list[dict], plots: dict[str, str] | None = None
     """The results as Markdown, headed by where they came from: the summary per family (linking to `plots`,
     family -> file name), then one line per case."""
     on_gpu = header["device_type"] == "cuda"
-    lines = [f"# genfast benchmarks: {header['device']}", "", _provenance(header), "", "## Summary", "",
-             *_summary_table(rows, plots or {}), "", "## Every case", "",
-             _METHOD.format(clock="CUDA events" if on_gpu else "time.perf_counter per call",
-                            rounds=header["settings"]["timing"]["rounds"]), "",
-             *_case_table(rows, on_gpu)]
+    lines = [
+        f"# genfast benchmarks: {header['device']}",
+        "",
+        _provenance(header),
+        "",
+        "## Summary",
+        "",
+        *_summary_table(rows, plots or {}),
+        "",
+        "## Every case",
+        "",
+        _METHOD.format(
+            clock="CUDA events" if on_gpu else "time.perf_counter per call",
+            rounds=header["settings"]["timing"]["rounds"],
+        ),
+        "",
+        *_case_table(rows, on_gpu),
+    ]
     if "gpu_check" in header:  # the `make gpu-check` run these results came from: did every step pass?
         lines += ["", "## gpu-check", "", *gpu_check.summary_lines(header["gpu_check"])]
     return "\n".join(lines) + "\n"
@@ -140,15 +170,29 @@ def _case_table(rows: list[dict], on_gpu: bool) -> list[str]:
     names = _contenders(rows)
     ratios = _ratio_keys(rows)
     genfast_names = [n for n in names if n.startswith("genfast:")]
-    fractions = [(key, label) for key, label in (("matmul_fraction", "matmul rate"),
-                                                 ("bandwidth_fraction", "bandwidth"))
-                 if any(key in r for row in rows for r in row["results"].values())]
-    extras = [(key, unit) for key, unit in _PER_CONTENDER
-              if any(key in r for row in rows for r in row["results"].values())]
-    columns = (["case"] + [f"{n} ms" for n in names] + [f"{n} {unit}" for _, unit in extras for n in names] + ratios
-               + [f"peak MB ({' / '.join(names)})" if on_gpu else "peak MB"]
-               + ([f"{n} % of {label}" for _, label in fractions for n in genfast_names]
-                  + [f"kernels ({' / '.join(names)})"] if on_gpu else []))
+    fractions = [
+        (key, label)
+        for key, label in (("matmul_fraction", "matmul rate"), ("bandwidth_fraction", "bandwidth"))
+        if any(key in r for row in rows for r in row["results"].values())
+    ]
+    extras = [
+        (key, unit)
+        for key, unit in _PER_CONTENDER
+        if any(key in r for row in rows for r in row["results"].values())
+    ]
+    columns = (
+        ["case"]
+        + [f"{n} ms" for n in names]
+        + [f"{n} {unit}" for _, unit in extras for n in names]
+        + ratios
+        + [f"peak MB ({' / '.join(names)})" if on_gpu else "peak MB"]
+        + (
+            [f"{n} % of {label}" for _, label in fractions for n in genfast_names]
+            + [f"kernels ({' / '.join(names)})"]
+            if on_gpu
+            else []
+        )
+    )
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         results = row["results"]
@@ -156,10 +200,13 @@ def _case_table(rows: list[dict], on_gpu: bool) -> list[str]:
         cells += [_ms(results[n].get(key)) if n in results else "—" for key, _ in extras for n in names]
         cells += [f"{row['ratios'][key]:.2f}" if key in row["ratios"] else "—" for key in ratios]
         if on_gpu:
-            cells.append(" / ".join(f"{results[n]['peak_bytes'] / 2**20:.1f}" if n in results else "—"
-                                    for n in names))
+            cells.append(
+                " / ".join(f"{results[n]['peak_bytes'] / 2**20:.1f}" if n in results else "—" for n in names)
+            )
             cells += [_percent(results.get(n), key) for key, _ in fractions for n in genfast_names]
-            cells.append(" / ".join(str(results[n].get("kernels", "—")) if n in results else "—" for n in names))
+            cells.append(
+                " / ".join(str(results[n].get("kernels", "—")) if n in results else "—" for n in names)
+            )
         else:
             cells.append("n/a (CPU)")
         lines.append("| " + " | ".join(cells) + " |")

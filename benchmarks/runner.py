@@ -18,9 +18,14 @@ from benchmarks import environment, report, timing
 from benchmarks.cases import FAMILIES
 
 
-def run(device: str | None = None, cases: Sequence[str] = tuple(FAMILIES), quick: bool = False,
-        out: str | os.PathLike = "benchmarks/results", flush_l2: bool = False,
-        time_budget: float | None = None) -> Path:
+def run(
+    device: str | None = None,
+    cases: Sequence[str] = tuple(FAMILIES),
+    quick: bool = False,
+    out: str | os.PathLike = "benchmarks/results",
+    flush_l2: bool = False,
+    time_budget: float | None = None,
+) -> Path:
     """Benchmark the families `cases` on `device`; write <out>/<device>.json/.md/-<family>.png; return the JSON path.
 
     With `time_budget` (seconds), no case starts once that much time has passed since the call: the cases
@@ -34,13 +39,22 @@ def run(device: str | None = None, cases: Sequence[str] = tuple(FAMILIES), quick
     if unknown:
         raise ValueError(f"cases: unknown families {unknown}; expected some of {sorted(FAMILIES)}")
     config = timing.QUICK if quick else timing.FULL
-    selected = [(FAMILIES[name], case) for name in cases
-                for case in (FAMILIES[name].QUICK_CASES if quick else FAMILIES[name].CASES)[dev.type]]
+    selected = [
+        (FAMILIES[name], case)
+        for name in cases
+        for case in (FAMILIES[name].QUICK_CASES if quick else FAMILIES[name].CASES)[dev.type]
+    ]
     _warn_if_busy()
     rates = _matmul_rates(dev, {case.dtype for _, case in selected if case.flops}, config)
     bandwidth = _bandwidth(dev, any(hasattr(case, "bytes") for _, case in selected), config)
-    settings = {"quick": quick, "flush_l2": flush_l2, "timing": dataclasses.asdict(config),
-                "matmul_flops_per_s": rates, "copy_bytes_per_s": bandwidth, "time_budget_s": time_budget}
+    settings = {
+        "quick": quick,
+        "flush_l2": flush_l2,
+        "timing": dataclasses.asdict(config),
+        "matmul_flops_per_s": rates,
+        "copy_bytes_per_s": bandwidth,
+        "time_budget_s": time_budget,
+    }
     header = environment.header(dev, settings)  # before the run: the commit and build that it timed
     rows, not_run = [], []
     progress = tqdm(selected, desc=f"benchmarks ({dev.type})", unit="case")
@@ -63,8 +77,11 @@ def _warn_if_busy() -> None:
     """Other work on the machine skews timings (CPU threads wait for each other): say so up front."""
     load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
     if load > 0.5 * cores:
-        warnings.warn(f"load average {load:.1f} on {cores} cores before the run: timings may be skewed "
-                      "(the header records the load average)", stacklevel=3)
+        warnings.warn(
+            f"load average {load:.1f} on {cores} cores before the run: timings may be skewed "
+            "(the header records the load average)",
+            stacklevel=3,
+        )
 
 
 def _matmul_rates(device: torch.device, dtypes: set[str], config: timing.TimingConfig) -> dict[str, float]:
@@ -80,8 +97,15 @@ def _bandwidth(device: torch.device, wanted: bool, config: timing.TimingConfig) 
     return timing.copy_bandwidth(device, config) if wanted and device.type == "cuda" else None
 
 
-def _row(family, case, device: torch.device, config: timing.TimingConfig, flush_l2: bool,
-         rates: dict[str, float], bandwidth: float | None) -> dict:
+def _row(
+    family,
+    case,
+    device: torch.device,
+    config: timing.TimingConfig,
+    flush_l2: bool,
+    rates: dict[str, float],
+    bandwidth: float | None,
+) -> dict:
     """Every contender of `case`, alternated for `config.rounds` rounds, each keeping its best median."""
     contenders = family.contenders(case, device)
     callables = {}
@@ -110,10 +134,20 @@ def _row(family, case, device: torch.device, config: timing.TimingConfig, flush_
             with _pinned(contenders[name].backend):
                 result["kernels"] = timing.kernel_count(callables[name])
     genfast_names = [n for n in results if n.startswith("genfast:")]
-    ratios = {f"{base}/{g}": results[base]["median_ms"] / results[g]["median_ms"]
-              for base in results if base not in genfast_names for g in genfast_names}
-    return {"family": family.__name__.rsplit(".", 1)[-1], "case": case.name,
-            "params": dataclasses.asdict(case), "flops": case.flops, "results": results, "ratios": ratios}
+    ratios = {
+        f"{base}/{g}": results[base]["median_ms"] / results[g]["median_ms"]
+        for base in results
+        if base not in genfast_names
+        for g in genfast_names
+    }
+    return {
+        "family": family.__name__.rsplit(".", 1)[-1],
+        "case": case.name,
+        "params": dataclasses.asdict(case),
+        "flops": case.flops,
+        "results": results,
+        "ratios": ratios,
+    }
 
 
 @contextlib.contextmanager

@@ -41,8 +41,9 @@ class Measurement:
     """CUDA: bytes allocated above what was allocated before the call; None on the CPU."""
 
 
-def measure(fn: Callable[[], object], device: torch.device, config: TimingConfig,
-            flush_l2: bool = False) -> Measurement:
+def measure(
+    fn: Callable[[], object], device: torch.device, config: TimingConfig, flush_l2: bool = False
+) -> Measurement:
     """Warm `fn` up, then time it `repeats` times and measure its peak memory once."""
     for _ in range(config.warmup):
         fn()
@@ -64,8 +65,9 @@ def _times(fn: Callable[[], object], device: torch.device, repeats: int, flush_l
             times.append(time.perf_counter() - start)
         return times
     scratch = _l2_scratch(device) if flush_l2 else None
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(repeats)]
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)
+    ]
     torch.cuda.synchronize(device)
     for start, end in events:
         if scratch is not None:
@@ -120,5 +122,8 @@ def kernel_count(fn: Callable[[], object]) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA" and not e.name.lower().startswith(
-        ("memset", "memcpy")))
+    return sum(
+        1
+        for e in prof.events()
+        if e.device_type.name == "CUDA" and not e.name.lower().startswith(("memset", "memcpy"))
+    )

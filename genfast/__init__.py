@@ -1,8 +1,8 @@
 """genfast: fused kernels for generative models in PyTorch.
 
-    >>> import torch, genfast
-    >>> layer = genfast.nn.FusedLinear(784, 600, activation="relu")
-    >>> y = layer(torch.randn(64, 784))
+>>> import torch, genfast
+>>> layer = genfast.nn.FusedLinear(784, 600, activation="relu")
+>>> y = layer(torch.randn(64, 784))
 """
 
 from __future__ import annotations
@@ -49,5 +49,18 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["ACTIVATIONS", "available_backends", "build_info", "discriminator_loss", "elbo_loss", "fused_dense",
-           "generator_loss", "kl_divergence", "nn", "r1_penalty", "reparameterize", "reparameterize_kl", "use_backend"]
+__all__ = [
+    "ACTIVATIONS",
+    "available_backends",
+    "build_info",
+    "discriminator_loss",
+    "elbo_loss",
+    "fused_dense",
+    "generator_loss",
+    "kl_divergence",
+    "nn",
+    "r1_penalty",
+    "reparameterize",
+    "reparameterize_kl",
+    "use_backend",
+]

@@ -7,7 +7,10 @@ import platform
 import torch
 
 IMPORT_ERROR: str | None = None
-if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() not in (
+    "AVX2",
+    "AVX512",
+):
     # _C is compiled for AVX2 on x86-64: loading it here would die on an illegal instruction.
     _C = None
     IMPORT_ERROR = f"this CPU lacks AVX2 ({torch.backends.cpu.get_cpu_capability()}), which genfast._C needs"

@@ -73,45 +73,59 @@ ACTIVATIONS: dict[str, Activation] = {
     for a in (
         Activation("none", 0, "none", lambda z, _: z, lambda z, _: torch.ones_like(z), None),
         Activation(
-            "relu", 1, "mask", lambda z, _: torch.relu(z),
-            lambda positive, _: torch.where(positive, 1.0, 0.0), torch.nn.ReLU, lambda z: ~(z <= 0),
+            "relu",
+            1,
+            "mask",
+            lambda z, _: torch.relu(z),
+            lambda positive, _: torch.where(positive, 1.0, 0.0),
+            torch.nn.ReLU,
+            lambda z: ~(z <= 0),
         ),
         Activation(
-            "leaky_relu", 2, "mask",
+            "leaky_relu",
+            2,
+            "mask",
             lambda z, slope: torch.nn.functional.leaky_relu(z, slope),
             # slope as a float64 tensor: two Python numbers would make a float32 result, rounding the slope
-            lambda positive, slope: torch.where(positive, 1.0, torch.tensor(slope, dtype=torch.float64,
-                                                                            device=positive.device)),
-            torch.nn.LeakyReLU, lambda z: z > 0,
+            lambda positive, slope: torch.where(
+                positive, 1.0, torch.tensor(slope, dtype=torch.float64, device=positive.device)
+            ),
+            torch.nn.LeakyReLU,
+            lambda z: z > 0,
         ),
         Activation(
-            "gelu", 3, "preact", lambda z, _: torch.nn.functional.gelu(z),
-            _gelu_derivative, torch.nn.GELU,
+            "gelu", 3, "preact", lambda z, _: torch.nn.functional.gelu(z), _gelu_derivative, torch.nn.GELU
         ),
         Activation(
-            "gelu_tanh", 4, "preact",
+            "gelu_tanh",
+            4,
+            "preact",
             lambda z, _: torch.nn.functional.gelu(z, approximate="tanh"),
-            _gelu_tanh_derivative, torch.nn.GELU,
+            _gelu_tanh_derivative,
+            torch.nn.GELU,
         ),
         Activation(
-            "silu", 5, "preact", lambda z, _: torch.nn.functional.silu(z),
-            _silu_derivative, torch.nn.SiLU,
+            "silu", 5, "preact", lambda z, _: torch.nn.functional.silu(z), _silu_derivative, torch.nn.SiLU
         ),
         Activation(
-            "sigmoid", 6, "output", lambda z, _: torch.sigmoid(z),
-            lambda y, _: y * (1.0 - y), torch.nn.Sigmoid,
+            "sigmoid",
+            6,
+            "output",
+            lambda z, _: torch.sigmoid(z),
+            lambda y, _: y * (1.0 - y),
+            torch.nn.Sigmoid,
+        ),
+        Activation("tanh", 7, "output", lambda z, _: torch.tanh(z), lambda y, _: 1.0 - y * y, torch.nn.Tanh),
+        Activation(
+            "softplus",
+            8,
+            "preact",
+            lambda z, _: torch.nn.functional.softplus(z),
+            _softplus_derivative,
+            torch.nn.Softplus,
         ),
         Activation(
-            "tanh", 7, "output", lambda z, _: torch.tanh(z),
-            lambda y, _: 1.0 - y * y, torch.nn.Tanh,
-        ),
-        Activation(
-            "softplus", 8, "preact", lambda z, _: torch.nn.functional.softplus(z),
-            _softplus_derivative, torch.nn.Softplus,
-        ),
-        Activation(
-            "mish", 9, "preact", lambda z, _: torch.nn.functional.mish(z),
-            _mish_derivative, torch.nn.Mish,
+            "mish", 9, "preact", lambda z, _: torch.nn.functional.mish(z), _mish_derivative, torch.nn.Mish
         ),
     )
 }
@@ -129,9 +143,7 @@ def get_activation(name: str | None) -> Activation:
     if name is None:
         name = "none"
     if not isinstance(name, str) or name not in ACTIVATIONS:
-        raise ValueError(
-            f"activation: expected one of {sorted(ACTIVATIONS)} or None, got {name!r}"
-        )
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)} or None, got {name!r}")
     return ACTIVATIONS[name]
 
 

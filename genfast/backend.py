@@ -51,7 +51,9 @@ def why_unusable(name: str, device_type: str) -> str | None:
     if name == "cpu":
         if device_type != "cpu":
             return f"the cpu backend runs on CPU tensors, got {device_type} tensors"
-        return None if _extension.has_cpu_kernels() else f"genfast._C did not load ({_extension.IMPORT_ERROR})"
+        return (
+            None if _extension.has_cpu_kernels() else f"genfast._C did not load ({_extension.IMPORT_ERROR})"
+        )
     if name == "cuda":
         if device_type != "cuda":
             return f"the cuda backend runs on CUDA tensors, got {device_type} tensors"

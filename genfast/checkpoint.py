@@ -64,8 +64,10 @@ def save(state: dict, path: Path) -> None:
     try:
         write_atomically(path, buffer.getbuffer())
     except OSError as error:
-        raise CheckpointWriteError(f"{path}: cannot write the checkpoint ({error.strerror or error}); "
-                                   "the previous checkpoint, if any, is left as it was") from error
+        raise CheckpointWriteError(
+            f"{path}: cannot write the checkpoint ({error.strerror or error}); "
+            "the previous checkpoint, if any, is left as it was"
+        ) from error
 
 
 def write_atomically(path: Path, data: bytes | memoryview) -> None:
@@ -103,18 +105,26 @@ def load(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated archive, random bytes, foreign pickles: torch raises many kinds
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}"
+        ) from None
     if not isinstance(state, dict) or not set(KEYS) <= state.keys():
         found = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path}: expected a checkpoint of genfast train with keys {', '.join(KEYS)}; "
-                              f"found {found}")
+        raise CheckpointError(
+            f"{path}: expected a checkpoint of genfast train with keys {', '.join(KEYS)}; found {found}"
+        )
     stored = state.pop("sha256", None)
     if stored is None:
-        warnings.warn(f"{path}: the checkpoint carries no checksum (written before genfast stored one): "
-                      "it is loaded unverified", stacklevel=2)
+        warnings.warn(
+            f"{path}: the checkpoint carries no checksum (written before genfast stored one): "
+            "it is loaded unverified",
+            stacklevel=2,
+        )
     elif stored != digest(state):
-        raise CheckpointError(f"{path}: checksum mismatch: the contents differ from what was written (SHA-256 "
-                              f"{digest(state)[:16]}..., stored {str(stored)[:16]}...): the file is corrupt")
+        raise CheckpointError(
+            f"{path}: checksum mismatch: the contents differ from what was written (SHA-256 "
+            f"{digest(state)[:16]}..., stored {str(stored)[:16]}...): the file is corrupt"
+        )
     check_layout(state, path)
     return state
 
@@ -126,17 +136,40 @@ def _tensors(value: object) -> bool:
 # What each entry of a checkpoint must be: the words for the message, and the test.
 LAYOUT = {
     "model": ("a dict of tensors", _tensors),
-    "optimizers": ("a list of optimizer states", lambda v: isinstance(v, list) and len(v) > 0 and all(
-        isinstance(o, dict) and {"state", "param_groups"} <= o.keys() and isinstance(o["param_groups"], list)
-        and len(o["param_groups"]) > 0 and all(isinstance(g, dict) and "lr" in g for g in o["param_groups"])
-        for o in v)),
+    "optimizers": (
+        "a list of optimizer states",
+        lambda v: (
+            isinstance(v, list)
+            and len(v) > 0
+            and all(
+                isinstance(o, dict)
+                and {"state", "param_groups"} <= o.keys()
+                and isinstance(o["param_groups"], list)
+                and len(o["param_groups"]) > 0
+                and all(isinstance(g, dict) and "lr" in g for g in o["param_groups"])
+                for o in v
+            )
+        ),
+    ),
     "epoch": ("an integer >= 0", lambda v: isinstance(v, int) and v >= 0),
-    "rng": ("a list of generator states", lambda v: isinstance(v, list) and all(
-        isinstance(r, dict) and isinstance(r.get("cpu"), Tensor) for r in v)),
-    "shuffle": ("a dict with seed and epoch", lambda v: isinstance(v, dict) and isinstance(v.get("seed"), int)),
-    "history": ("a dict of loss lists", lambda v: isinstance(v, dict) and all(isinstance(h, list) for h in v.values())),
-    "config": ("a dict with model, data, subset and vocab",
-               lambda v: isinstance(v, dict) and {"model", "data", "subset", "vocab"} <= v.keys()),
+    "rng": (
+        "a list of generator states",
+        lambda v: (
+            isinstance(v, list) and all(isinstance(r, dict) and isinstance(r.get("cpu"), Tensor) for r in v)
+        ),
+    ),
+    "shuffle": (
+        "a dict with seed and epoch",
+        lambda v: isinstance(v, dict) and isinstance(v.get("seed"), int),
+    ),
+    "history": (
+        "a dict of loss lists",
+        lambda v: isinstance(v, dict) and all(isinstance(h, list) for h in v.values()),
+    ),
+    "config": (
+        "a dict with model, data, subset and vocab",
+        lambda v: isinstance(v, dict) and {"model", "data", "subset", "vocab"} <= v.keys(),
+    ),
 }
 
 
@@ -144,12 +177,16 @@ def check_layout(state: dict, path: Path) -> None:
     """The types a checkpoint's entries must have (LAYOUT), finite weights and losses."""
     for key, (expected, valid) in LAYOUT.items():
         if not valid(state[key]):
-            raise CheckpointError(f"{path}: the checkpoint's {key} should be {expected}, got "
-                                  f"{type(state[key]).__name__} {str(state[key])[:80]}")
+            raise CheckpointError(
+                f"{path}: the checkpoint's {key} should be {expected}, got "
+                f"{type(state[key]).__name__} {str(state[key])[:80]}"
+            )
     bad = [name for name, t in state["model"].items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
         raise CheckpointError(f"{path}: the checkpoint's weights hold NaN or infinity ({', '.join(bad[:3])})")
-    if not all(math.isfinite(v) for values in state["history"].values() for v in values if isinstance(v, float)):
+    if not all(
+        math.isfinite(v) for values in state["history"].values() for v in values if isinstance(v, float)
+    ):
         raise CheckpointError(f"{path}: the checkpoint's loss history holds NaN or infinity")
 
 
@@ -157,13 +194,22 @@ def load_model_state(model: torch.nn.Module, saved: dict[str, Tensor], path: Pat
     """`saved` into `model`, or CheckpointError naming the tensors whose names or shapes differ."""
     own = model.state_dict()
     missing, unexpected = [n for n in own if n not in saved], [n for n in saved if n not in own]
-    reshaped = [f"{name} is {tuple(saved[name].shape)} in the checkpoint, {tuple(own[name].shape)} in the model"
-                for name in own if name in saved and saved[name].shape != own[name].shape]
-    faults = reshaped + ([f"missing {', '.join(missing)}"] if missing else []) + (
-        [f"unexpected {', '.join(unexpected)}"] if unexpected else [])
+    reshaped = [
+        f"{name} is {tuple(saved[name].shape)} in the checkpoint, {tuple(own[name].shape)} in the model"
+        for name in own
+        if name in saved and saved[name].shape != own[name].shape
+    ]
+    faults = (
+        reshaped
+        + ([f"missing {', '.join(missing)}"] if missing else [])
+        + ([f"unexpected {', '.join(unexpected)}"] if unexpected else [])
+    )
     if faults:
-        raise CheckpointError(f"{path}: the checkpoint's weights do not fit this {type(model).__name__}: "
-                              + "; ".join(faults[:4]) + ("; ..." if len(faults) > 4 else ""))
+        raise CheckpointError(
+            f"{path}: the checkpoint's weights do not fit this {type(model).__name__}: "
+            + "; ".join(faults[:4])
+            + ("; ..." if len(faults) > 4 else "")
+        )
     model.load_state_dict(saved)
 
 
@@ -173,14 +219,18 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Pa
         groups = [group["params"] for group in saved["param_groups"]]
         ours = [group["params"] for group in optimizer.param_groups]
         if [len(g) for g in groups] != [len(g) for g in ours]:
-            raise ValueError(f"parameter groups of {[len(g) for g in groups]} parameters, the model has "
-                             f"{[len(g) for g in ours]}")
+            raise ValueError(
+                f"parameter groups of {[len(g) for g in groups]} parameters, the model has "
+                f"{[len(g) for g in ours]}"
+            )
         for indices, params in zip(groups, ours):
             for index, param in zip(indices, params):
                 for name, value in saved["state"].get(index, {}).items():
                     if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
-                        raise ValueError(f"its {name} of parameter {index} is {tuple(value.shape)}, the parameter "
-                                         f"{tuple(param.shape)}")
+                        raise ValueError(
+                            f"its {name} of parameter {index} is {tuple(value.shape)}, the parameter "
+                            f"{tuple(param.shape)}"
+                        )
         optimizer.load_state_dict(saved)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: the checkpoint's optimizer state does not fit: {error}") from None

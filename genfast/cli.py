@@ -15,6 +15,7 @@ from genfast.train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, LARGEST, MODEL_KIN
 
 def number(kind: type, low: float, strict: bool):
     """An argparse type: a `kind` greater than (strict) or at least `low`; floats finite, at most LARGEST."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -22,8 +23,11 @@ def number(kind: type, low: float, strict: bool):
             value = None
         if value is None or not low <= value <= LARGEST or (strict and value == low):
             what = "an integer" if kind is int else f"a finite number (at most {LARGEST:.4g})"
-            raise argparse.ArgumentTypeError(f"expected {what} {'>' if strict else '>='} {low:g}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected {what} {'>' if strict else '>='} {low:g}, got {text!r}"
+            )
         return value
+
     return parse
 
 
@@ -35,40 +39,86 @@ class Parser(argparse.ArgumentParser):
 
 
 def train_parser(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train a model (also under torchrun --nproc_per_node N)",
-                                   description="Train a model; pictures, loss curves and checkpoint.pt go to --out.")
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model (also under torchrun --nproc_per_node N)",
+        description="Train a model; pictures, loss curves and checkpoint.pt go to --out.",
+    )
     parser.add_argument("model", choices=MODEL_KINDS)
-    parser.add_argument("--data", default=None,
-                        help=f"images: {', '.join(IMAGE_DATA)} (default digits); lm: a UTF-8 text file "
-                             "(default: a bundled essay)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help=f"images: {', '.join(IMAGE_DATA)} (default digits); lm: a UTF-8 text file "
+        "(default: a bundled essay)",
+    )
     parser.add_argument("--data-dir", default=None, help="folder of MNIST's IDX files (--data mnist)")
-    parser.add_argument("--subset", type=number(int, 1, False), default=None, help="train on the first N examples only")
-    parser.add_argument("--epochs", type=number(int, 1, False), default=None,
-                        help="epochs in all, with --resume including those done (default: "
-                             + ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items()) + ")")
-    parser.add_argument("--batch-size", type=number(int, 1, False), default=None,
-                        help=f"per process (default {DEFAULT_BATCH_SIZE}; with --resume the checkpoint's)")
-    parser.add_argument("--lr", type=number(float, 0, True), default=None,
-                        help="learning rate (default: per model and data, see the README; with --resume the "
-                             "checkpoint's)")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
-                        help="default adam; with --resume the checkpoint's (it cannot change)")
-    parser.add_argument("--l1", type=number(float, 0, False), default=None,
-                        help="add l1 * sum |w| over weights to the loss (default 0; with --resume the checkpoint's)")
-    parser.add_argument("--l2", type=number(float, 0, False), default=None,
-                        help="add l2 * sum w^2 over weights to the loss (default 0; with --resume the checkpoint's)")
+    parser.add_argument(
+        "--subset", type=number(int, 1, False), default=None, help="train on the first N examples only"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=number(int, 1, False),
+        default=None,
+        help="epochs in all, with --resume including those done (default: "
+        + ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=number(int, 1, False),
+        default=None,
+        help=f"per process (default {DEFAULT_BATCH_SIZE}; with --resume the checkpoint's)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=number(float, 0, True),
+        default=None,
+        help="learning rate (default: per model and data, see the README; with --resume the checkpoint's)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=None,
+        help="default adam; with --resume the checkpoint's (it cannot change)",
+    )
+    parser.add_argument(
+        "--l1",
+        type=number(float, 0, False),
+        default=None,
+        help="add l1 * sum |w| over weights to the loss (default 0; with --resume the checkpoint's)",
+    )
+    parser.add_argument(
+        "--l2",
+        type=number(float, 0, False),
+        default=None,
+        help="add l2 * sum w^2 over weights to the loss (default 0; with --resume the checkpoint's)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cuda when present)")
-    parser.add_argument("--seed", type=number(int, 0, False), default=None,
-                        help="default 0; with --resume the checkpoint's (it cannot change)")
+    parser.add_argument(
+        "--seed",
+        type=number(int, 0, False),
+        default=None,
+        help="default 0; with --resume the checkpoint's (it cannot change)",
+    )
     parser.add_argument("--out", default=None, help="output folder (default runs/MODEL)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    start.add_argument("--overwrite", action="store_true",
-                       help="start a new run even if OUT holds a checkpoint (replaced at the end of the first epoch)")
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run even if OUT holds a checkpoint (replaced at the end of the first epoch)",
+    )
     twin = parser.add_mutually_exclusive_group()
-    twin.add_argument("--fused", dest="fused", action="store_true", default=True,
-                      help="genfast's fused layers and ops (default)")
-    twin.add_argument("--plain", dest="fused", action="store_false", help="the plain PyTorch twin, to compare")
+    twin.add_argument(
+        "--fused",
+        dest="fused",
+        action="store_true",
+        default=True,
+        help="genfast's fused layers and ops (default)",
+    )
+    twin.add_argument(
+        "--plain", dest="fused", action="store_false", help="the plain PyTorch twin, to compare"
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -76,14 +126,31 @@ def run_train(args: argparse.Namespace) -> int:
     from genfast.train import train
 
     out = args.out or f"runs/{args.model}"
-    result = train(args.model, data=args.data, data_dir=args.data_dir, epochs=args.epochs,
-                   batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, l1=args.l1, l2=args.l2,
-                   device=args.device, seed=args.seed, fused=args.fused, out=out, resume=args.resume,
-                   overwrite=args.overwrite, subset=args.subset, progress=args.progress)
+    result = train(
+        args.model,
+        data=args.data,
+        data_dir=args.data_dir,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        l1=args.l1,
+        l2=args.l2,
+        device=args.device,
+        seed=args.seed,
+        fused=args.fused,
+        out=out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        subset=args.subset,
+        progress=args.progress,
+    )
     if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 speaks for all
         last = "".join(f", {name} {values[-1]:.4f}" for name, values in result.history.items() if values)
-        print(f"{args.model}: {result.epochs} epochs{last}, {result.samples_per_second:.0f} samples/s; "
-              f"wrote {result.out}/")
+        print(
+            f"{args.model}: {result.epochs} epochs{last}, {result.samples_per_second:.0f} samples/s; "
+            f"wrote {result.out}/"
+        )
         if result.quality_report:
             print(result.quality_report)
     return 0
@@ -100,17 +167,21 @@ def run_bench(arguments: list[str]) -> int:
     and exit status 2."""
     tree = SOURCE_TREE
     if not (tree / "benchmarks" / "__main__.py").is_file():
-        print(f"genfast bench: error: the benchmark suite is not installed with genfast (no {tree / 'benchmarks'}); "
-              "it needs a source checkout of genfast: run genfast bench there after pip install -e ., "
-              "or python -m benchmarks ... from its root", file=sys.stderr)
+        print(
+            f"genfast bench: error: the benchmark suite is not installed with genfast (no {tree / 'benchmarks'}); "
+            "it needs a source checkout of genfast: run genfast bench there after pip install -e ., "
+            "or python -m benchmarks ... from its root",
+            file=sys.stderr,
+        )
         return 2
     # The working directory stays the caller's: relative --out and --render paths mean what they typed.
     path = os.pathsep.join(filter(None, (str(tree), os.environ.get("PYTHONPATH"))))
     # -P (Python 3.11+): the caller's working directory is not put first on the path, so a benchmarks/ or
     # genfast/ folder there cannot shadow the checkout's.
     isolate = ["-P"] if sys.version_info >= (3, 11) else []
-    return subprocess.run([sys.executable, *isolate, "-m", "benchmarks", *arguments],
-                          env={**os.environ, "PYTHONPATH": path}).returncode
+    return subprocess.run(
+        [sys.executable, *isolate, "-m", "benchmarks", *arguments], env={**os.environ, "PYTHONPATH": path}
+    ).returncode
 
 
 # What a user can fix (arguments, device, data, output folder, checkpoint, missing packages, a diverging run):
@@ -123,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train_parser(subparsers)
     # No options of its own (not even --help): everything after `bench` is the suite's.
-    subparsers.add_parser("bench", help="run the benchmark suite (arguments of python -m benchmarks)",
-                          add_help=False)
+    subparsers.add_parser(
+        "bench", help="run the benchmark suite (arguments of python -m benchmarks)", add_help=False
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return run_bench(rest)

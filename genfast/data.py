@@ -97,15 +97,19 @@ def load_digits(size: int = 8) -> ImageData:
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as error:
-        raise ModuleNotFoundError("the digits data set comes with scikit-learn, which is not installed: "
-                                  "pip install scikit-learn (or use --data mnist --data-dir PATH)") from error
+        raise ModuleNotFoundError(
+            "the digits data set comes with scikit-learn, which is not installed: "
+            "pip install scikit-learn (or use --data mnist --data-dir PATH)"
+        ) from error
     bunch = sklearn_digits()
     images = torch.from_numpy(bunch.images).float().div_(16.0)
     if size != 8:
         images = F.interpolate(images[:, None], size=(size, size), mode="bilinear", align_corners=False)
         images = images[:, 0].clamp_(0.0, 1.0)
     name = "digits" if size == 8 else f"digits{size}"
-    return ImageData(name, images.flatten(1).contiguous(), torch.from_numpy(bunch.target).long(), (size, size))
+    return ImageData(
+        name, images.flatten(1).contiguous(), torch.from_numpy(bunch.target).long(), (size, size)
+    )
 
 
 def load_mnist(data_dir: str | Path) -> ImageData:
@@ -113,21 +117,28 @@ def load_mnist(data_dir: str | Path) -> ImageData:
     not) in `data_dir` or `data_dir`/MNIST/raw (torchvision's layout); through torchvision when the
     files are missing and torchvision is installed."""
     folder = Path(data_dir)
-    images_path, labels_path = (find_idx(folder, stem) for stem in ("train-images-idx3-ubyte",
-                                                                   "train-labels-idx1-ubyte"))
+    images_path, labels_path = (
+        find_idx(folder, stem) for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+    )
     if images_path is None or labels_path is None:
         return load_mnist_torchvision(folder)
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{images_path}, {labels_path}: expected (N, H, W) images and N labels, "
-                         f"got shapes {images.shape} and {labels.shape}")
+        raise ValueError(
+            f"{images_path}, {labels_path}: expected (N, H, W) images and N labels, "
+            f"got shapes {images.shape} and {labels.shape}"
+        )
     pixels = torch.from_numpy(images.astype(np.float32) / 255.0)
     return ImageData("mnist", pixels.flatten(1), torch.from_numpy(labels.astype(np.int64)), images.shape[1:])
 
 
 def find_idx(folder: Path, stem: str) -> Path | None:
-    for candidate in (folder / stem, folder / f"{stem}.gz", folder / "MNIST" / "raw" / stem,
-                      folder / "MNIST" / "raw" / f"{stem}.gz"):
+    for candidate in (
+        folder / stem,
+        folder / f"{stem}.gz",
+        folder / "MNIST" / "raw" / stem,
+        folder / "MNIST" / "raw" / f"{stem}.gz",
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -137,12 +148,16 @@ def load_mnist_torchvision(folder: Path) -> ImageData:
     try:
         from torchvision.datasets import MNIST
     except ImportError:
-        raise FileNotFoundError(f"{folder}: expected MNIST's train-images-idx3-ubyte[.gz] and "
-                                "train-labels-idx1-ubyte[.gz] there (or torchvision installed to read them)") from None
+        raise FileNotFoundError(
+            f"{folder}: expected MNIST's train-images-idx3-ubyte[.gz] and "
+            "train-labels-idx1-ubyte[.gz] there (or torchvision installed to read them)"
+        ) from None
     try:
         mnist = MNIST(str(folder), train=True, download=False)
     except RuntimeError as error:  # torchvision's "Dataset not found"
-        raise FileNotFoundError(f"{folder}: no MNIST IDX files there, and torchvision found none: {error}") from error
+        raise FileNotFoundError(
+            f"{folder}: no MNIST IDX files there, and torchvision found none: {error}"
+        ) from error
     pixels = mnist.data.float().div_(255.0)
     return ImageData("mnist", pixels.flatten(1), mnist.targets.long(), tuple(pixels.shape[1:]))
 
@@ -158,15 +173,21 @@ def read_idx(path: str | Path) -> np.ndarray:
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # a truncated or corrupt .gz
         raise ValueError(f"{path}: expected a gzipped IDX file: {error}") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (expected the magic 00 00 <type> <ndim>, got {raw[:4].hex()})")
+        raise ValueError(
+            f"{path}: not an IDX file (expected the magic 00 00 <type> <ndim>, got {raw[:4].hex()})"
+        )
     dtype, ndim = np.dtype(IDX_DTYPES[raw[2]]), raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: IDX header says {ndim} dimensions but the file ends after {len(raw)} bytes")
+        raise ValueError(
+            f"{path}: IDX header says {ndim} dimensions but the file ends after {len(raw)} bytes"
+        )
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(f"{path}: IDX shape {shape} of {dtype} needs {expected} bytes, the file has {len(raw)}")
+        raise ValueError(
+            f"{path}: IDX shape {shape} of {dtype} needs {expected} bytes, the file has {len(raw)}"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
@@ -178,7 +199,9 @@ def load_text(path: str | Path | None = None, context: int = 16) -> TextData:
     else:
         name = str(path)
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such text file (expected a UTF-8 text file for the language model)")
+            raise FileNotFoundError(
+                f"{path}: no such text file (expected a UTF-8 text file for the language model)"
+            )
         try:
             text = Path(path).read_text("utf-8")
         except UnicodeDecodeError as error:

@@ -53,10 +53,15 @@ class GanKind(NamedTuple):
 
 GAN_KINDS: dict[str, GanKind] = {
     "nonsaturating": GanKind(Term(TERMS["bce"], 1.0), Term(TERMS["bce"], 0.0), Term(TERMS["bce"], 1.0), True),
-    "hinge": GanKind(Term(TERMS["hinge"], -1.0), Term(TERMS["hinge"], 1.0), Term(TERMS["linear"], -1.0), False),
-    "lsgan": GanKind(Term(TERMS["square"], 1.0), Term(TERMS["square"], 0.0), Term(TERMS["square"], 1.0), True),
-    "wasserstein": GanKind(Term(TERMS["linear"], -1.0), Term(TERMS["linear"], 1.0), Term(TERMS["linear"], -1.0),
-                           False),
+    "hinge": GanKind(
+        Term(TERMS["hinge"], -1.0), Term(TERMS["hinge"], 1.0), Term(TERMS["linear"], -1.0), False
+    ),
+    "lsgan": GanKind(
+        Term(TERMS["square"], 1.0), Term(TERMS["square"], 0.0), Term(TERMS["square"], 1.0), True
+    ),
+    "wasserstein": GanKind(
+        Term(TERMS["linear"], -1.0), Term(TERMS["linear"], 1.0), Term(TERMS["linear"], -1.0), False
+    ),
 }
 
 

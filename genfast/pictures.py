@@ -14,8 +14,15 @@ from genfast.data import ImageData, TextData
 PICTURE_COUNT = 64  # samples per grid; reconstruction grids show 32 originals, each above its copy
 
 
-def write_pictures(kind: str, model: nn.Module, data: ImageData | TextData, tensors: list[Tensor], out: Path,
-                   epoch: int, seed: int) -> None:
+def write_pictures(
+    kind: str,
+    model: nn.Module,
+    data: ImageData | TextData,
+    tensors: list[Tensor],
+    out: Path,
+    epoch: int,
+    seed: int,
+) -> None:
     """Pictures of the model now, as out/NAME.png and out/NAME_epochEEE.png (lm: samples.txt). Sampling
     draws from its own generator, seeded the same every epoch: the epochs' pictures are comparable and
     the training's random stream is left alone."""
@@ -40,8 +47,13 @@ def interleave_rows(originals: Tensor, copies: Tensor, columns: int = 8) -> Tens
     """A row of originals, the row of their copies below, and so on."""
     columns = min(columns, len(originals))
     n = len(originals) // columns * columns
-    rows = torch.stack([originals[:n].reshape(-1, columns, originals.shape[1]),
-                        copies[:n].reshape(-1, columns, copies.shape[1])], dim=1)
+    rows = torch.stack(
+        [
+            originals[:n].reshape(-1, columns, originals.shape[1]),
+            copies[:n].reshape(-1, columns, copies.shape[1]),
+        ],
+        dim=1,
+    )
     return rows.flatten(0, 2)
 
 
@@ -55,7 +67,7 @@ def save_grid(images: Tensor, shape: tuple[int, int], path: Path, columns: int =
     canvas = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1), 0.5, dtype=np.float32)
     for i, image in enumerate(images.float().cpu().numpy().reshape(-1, h, w)):
         r, c = divmod(i, columns)
-        canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = image
+        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = image
     scale = max(1, 64 // h)
     imsave(path, np.kron(canvas, np.ones((scale, scale), dtype=np.float32)), cmap="gray", vmin=0.0, vmax=1.0)
 

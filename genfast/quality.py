@@ -35,13 +35,19 @@ class Quality:
     def summary(self) -> str:
         parts = []
         if self.reconstruction_accuracy is not None:
-            parts.append(f"reconstructions classified as their input's digit {self.reconstruction_accuracy:.1%} "
-                         f"(goal >= {RECONSTRUCTION_GOAL:.0%})")
+            parts.append(
+                f"reconstructions classified as their input's digit {self.reconstruction_accuracy:.1%} "
+                f"(goal >= {RECONSTRUCTION_GOAL:.0%})"
+            )
         if self.classes_covered is not None:
-            parts.append(f"samples cover {self.classes_covered} of {self.classes} digits (goal >= {COVERAGE_GOAL}; "
-                         f"per digit {self.sample_counts} of {sum(self.sample_counts)})")
-        return (f"quality: {'; '.join(parts)}; judged by a logistic-regression digit classifier that is "
-                f"{self.classifier_accuracy:.1%} right on the data")
+            parts.append(
+                f"samples cover {self.classes_covered} of {self.classes} digits (goal >= {COVERAGE_GOAL}; "
+                f"per digit {self.sample_counts} of {sum(self.sample_counts)})"
+            )
+        return (
+            f"quality: {'; '.join(parts)}; judged by a logistic-regression digit classifier that is "
+            f"{self.classifier_accuracy:.1%} right on the data"
+        )
 
 
 _classifiers: dict[tuple, tuple] = {}
@@ -61,8 +67,9 @@ def classifier(data: ImageData):
 
 
 @torch.no_grad()
-def measure(kind: str, model: nn.Module, data: ImageData, images: torch.Tensor, labels: torch.Tensor,
-            seed: int = 0) -> Quality:
+def measure(
+    kind: str, model: nn.Module, data: ImageData, images: torch.Tensor, labels: torch.Tensor, seed: int = 0
+) -> Quality:
     """The figures of `model` ("autoencoder", "vae" or "gan"): reconstructions of (up to SAMPLES of) `images`
     whose digits are `labels`, and SAMPLES samples drawn from a generator seeded `seed`."""
     judge, accuracy = classifier(data)
@@ -73,7 +80,9 @@ def measure(kind: str, model: nn.Module, data: ImageData, images: torch.Tensor, 
     try:
         if kind in ("autoencoder", "vae"):
             copies = model.reconstruct(images[:SAMPLES]).float().cpu().numpy()
-            quality.reconstruction_accuracy = float(np.mean(judge.predict(copies) == labels[:SAMPLES].numpy()))
+            quality.reconstruction_accuracy = float(
+                np.mean(judge.predict(copies) == labels[:SAMPLES].numpy())
+            )
         if kind in ("vae", "gan"):
             device = next(model.parameters()).device
             samples = model.sample(SAMPLES, generator=torch.Generator(device=device).manual_seed(seed))

@@ -19,8 +19,13 @@ _BY_CODE = {a.code: a for a in ACTIVATIONS.values()}
 _BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int32)
 
 
-def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "relu",
-                negative_slope: float = 0.01) -> Tensor:
+def fused_dense(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = "relu",
+    negative_slope: float = 0.01,
+) -> Tensor:
     """act(x @ weight^T + bias), differentiable by autograd."""
     return get_activation(activation).forward(F.linear(x, weight, bias), negative_slope)
 
@@ -50,8 +55,17 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act: int, slop
     return y, x.new_empty(0)
 
 
-def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act: int, slope: float,
-                   need_x: bool, need_w: bool, need_b: bool):
+def dense_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    saved: Tensor,
+    act: int,
+    slope: float,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+):
     activation = _BY_CODE[act]
     if activation.saves == "mask":
         saved = unpack_mask(saved, weight.shape[0])
@@ -73,6 +87,7 @@ def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act
 # Losses: the plain expressions (as eager code writes them; tests evaluate them in float64), then the
 # kernel contract of csrc/losses/losses.h, its gradients taken from the plain expressions by autograd.
 
+
 def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
     """Per sample KL(N(mu, exp(logvar)) || N(0, I)) = 0.5 sum (exp(logvar) - 1 - logvar + mu^2)."""
     return 0.5 * (logvar.exp() - 1 - logvar + mu * mu).flatten(1).sum(1)
@@ -87,8 +102,11 @@ def _reduce(values: Tensor, reduction: str) -> Tensor:
 def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """mu + exp(0.5 logvar) eps as eager code writes it, eps from torch.randn (not the kernels' Philox
     stream: see reparam_forward for that); genfast's ops run it under torch.func transforms."""
-    eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device, generator=generator) if generator is not None \
+    eps = (
+        torch.randn(mu.shape, dtype=mu.dtype, device=mu.device, generator=generator)
+        if generator is not None
         else torch.randn_like(mu)
+    )
     return mu + torch.exp(0.5 * logvar) * eps
 
 
@@ -97,8 +115,15 @@ def kl_divergence(mu: Tensor, logvar: Tensor, reduction: str = "mean") -> Tensor
     return _reduce(0.5 * (torch.expm1(logvar) - logvar + mu * mu).sum(-1), reduction)
 
 
-def elbo_terms(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float = 1.0,
-               recon_loss: str = "bce", reduction: str = "mean") -> tuple[Tensor, Tensor, Tensor]:
+def elbo_terms(
+    recon: Tensor,
+    target: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    beta: float = 1.0,
+    recon_loss: str = "bce",
+    reduction: str = "mean",
+) -> tuple[Tensor, Tensor, Tensor]:
     """(negative ELBO, reconstruction term, KL term), each reduced over the batch by `reduction`."""
     t = target_values(target, recon.dtype)
     if recon_loss == "bce":
@@ -130,9 +155,16 @@ def gan_loss(first: Tensor, second: Tensor | None, term0: Term, term1: Term | No
     return loss if second is None else loss + _reduce(gan_term(second, *term1), reduction)
 
 
-def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "nonsaturating",
-                       real_label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
-    return gan_loss(real_logits, fake_logits, real_term(kind, real_label_smoothing), GAN_KINDS[kind].fake, reduction)
+def discriminator_loss(
+    real_logits: Tensor,
+    fake_logits: Tensor,
+    kind: str = "nonsaturating",
+    real_label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    return gan_loss(
+        real_logits, fake_logits, real_term(kind, real_label_smoothing), GAN_KINDS[kind].fake, reduction
+    )
 
 
 def generator_loss(fake_logits: Tensor, kind: str = "nonsaturating", reduction: str = "mean") -> Tensor:
@@ -160,8 +192,18 @@ def _name(table: dict[str, int], code: int) -> str:
 # out here (the tests check them against autograd of the plain expressions above). They compute in
 # float64 and round once: as the fallback backend they must never be less accurate than eager code.
 
-def losses_elbo_forward(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float, recon_kind: int,
-                        reduction: int, target_scale: float, need_grad: bool):
+
+def losses_elbo_forward(
+    recon: Tensor,
+    target: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    beta: float,
+    recon_kind: int,
+    reduction: int,
+    target_scale: float,
+    need_grad: bool,
+):
     x, m, lv = (v.double() for v in (recon, mu, logvar))
     t = target.double() * target_scale
     bce = recon_kind == RECON_LOSSES["bce"]
@@ -173,18 +215,30 @@ def losses_elbo_forward(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tenso
     return tuple(v.to(recon.dtype) for v in (*outputs, *grads))
 
 
-def losses_gan_forward(first: Tensor, second: Tensor, term0: int, param0: float, term1: int, param1: float,
-                       reduction: int, need_grad: bool):
+def losses_gan_forward(
+    first: Tensor,
+    second: Tensor,
+    term0: int,
+    param0: float,
+    term1: int,
+    param1: float,
+    reduction: int,
+    need_grad: bool,
+):
     red = _name(REDUCTIONS, reduction)
     segments = ((first.double(), Term(term0, param0)), (second.double(), Term(term1, param1)))
     # The mean over an empty segment counts 0 (a generator loss has no second segment).
-    f0, f1 = (x.sum() if red == "mean" and x.numel() == 0 else gan_loss(x, None, term, None, red)
-              for x, term in segments)
+    f0, f1 = (
+        x.sum() if red == "mean" and x.numel() == 0 else gan_loss(x, None, term, None, red)
+        for x, term in segments
+    )
     loss = f0 + f1 if red != "none" or second.numel() else f0
     grads = [first.new_empty(0) for _ in range(2)]
     if need_grad:
-        grads = [gan_term_derivative(x, *term) / (x.numel() if red == "mean" and x.numel() else 1)
-                 for x, term in segments]
+        grads = [
+            gan_term_derivative(x, *term) / (x.numel() if red == "mean" and x.numel() else 1)
+            for x, term in segments
+        ]
     return tuple(v.to(first.dtype) for v in (loss, *grads))
 
 
@@ -207,8 +261,12 @@ def _mulhilo32(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
 def philox_bits(seed: int, offset: int, groups: Tensor) -> list[Tensor]:
     """Philox4x32-10 with key = seed, counter = (offset, group) as four 32-bit words: 4 int64 tensors."""
     key = [seed & _MASK32, (seed >> 32) & _MASK32]
-    words = [torch.full_like(groups, offset & _MASK32), torch.full_like(groups, (offset >> 32) & _MASK32),
-             groups & _MASK32, (groups >> 32) & _MASK32]
+    words = [
+        torch.full_like(groups, offset & _MASK32),
+        torch.full_like(groups, (offset >> 32) & _MASK32),
+        groups & _MASK32,
+        (groups >> 32) & _MASK32,
+    ]
     for _ in range(10):
         hi0, lo0 = _mulhilo32(words[0], _PHILOX_MULTIPLIERS[0])
         hi1, lo1 = _mulhilo32(words[2], _PHILOX_MULTIPLIERS[1])
@@ -237,7 +295,9 @@ def noise(rng_state: Tensor, shape: tuple[int, ...]) -> Tensor:
     return philox_normal(seed, offset, n, rng_state.device).view(shape)
 
 
-def reparam_forward(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def reparam_forward(
+    mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     rng_state = new_rng_state(mu.device, generator)
     eps = noise(rng_state, mu.shape).double()
     return (mu.double() + torch.exp(0.5 * logvar.double()) * eps).to(mu.dtype), rng_state
@@ -259,6 +319,7 @@ def kl_backward(grad_kl: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Te
     return (g * mu.double()).to(mu.dtype), (0.5 * g * torch.expm1(logvar.double())).to(mu.dtype)
 
 
-def reparam_kl_forward(mu: Tensor, logvar: Tensor,
-                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def reparam_kl_forward(
+    mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     return (*reparam_forward(mu, logvar, generator), kl_forward(mu, logvar))

@@ -14,5 +14,5 @@ from torch import Tensor
 def new_rng_state(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """(seed, offset = 0) for one call: one seed drawn from `generator` (default: the device's), on
     `device`, so a launch reads it without a host sync and a CUDA graph replays whatever it holds."""
-    seed = torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
+    seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=device, generator=generator)
     return torch.cat([seed, seed.new_zeros(1)])

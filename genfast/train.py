@@ -43,11 +43,16 @@ CHECKPOINT = "checkpoint.pt"
 # architectures; digits28 too, but for a GAN of the digits' sizes: its 1797 images collapsed the classic
 # GAN onto 1-3 digits in 30-60 epochs, at lr 2e-4 to 2e-3.
 IMAGE_MODELS = {
-    "digits": {"autoencoder": {"sizes": (64, 48, 32, 16)},
-               "vae": {"in_features": 64, "hidden": (128,), "latent": 8},
-               "gan": {"generator_sizes": (32, 128, 256, 64), "discriminator_sizes": (64, 256, 128, 1)}},
-    "digits28": {"autoencoder": {}, "vae": {},
-                 "gan": {"generator_sizes": (32, 128, 256, 784), "discriminator_sizes": (784, 256, 128, 1)}},
+    "digits": {
+        "autoencoder": {"sizes": (64, 48, 32, 16)},
+        "vae": {"in_features": 64, "hidden": (128,), "latent": 8},
+        "gan": {"generator_sizes": (32, 128, 256, 64), "discriminator_sizes": (64, 256, 128, 1)},
+    },
+    "digits28": {
+        "autoencoder": {},
+        "vae": {},
+        "gan": {"generator_sizes": (32, 128, 256, 784), "discriminator_sizes": (784, 256, 128, 1)},
+    },
     784: {"autoencoder": {}, "vae": {}, "gan": {}},
 }
 LM_CONTEXT = 16
@@ -60,8 +65,11 @@ LM_CONTEXT = 16
 DEFAULT_EPOCHS = {"autoencoder": 50, "vae": 50, "gan": 60, "lm": 10}
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LR = 1e-3
-IMAGE_LR = {"digits": {"autoencoder": 3e-3, "vae": 3e-3, "gan": 2e-3}, "digits28": {"gan": 2e-3},
-            784: {"gan": 2e-4}}
+IMAGE_LR = {
+    "digits": {"autoencoder": 3e-3, "vae": 3e-3, "gan": 2e-3},
+    "digits28": {"gan": 2e-3},
+    784: {"gan": 2e-4},
+}
 GAN_BETAS = (0.5, 0.999)  # the DCGAN setting: beta1 = 0.5 damps the alternating updates
 # The largest lr, l1, l2: float32's largest number (the weights' type; a larger lr fails inside SGD's step).
 LARGEST = float(torch.finfo(torch.float32).max)
@@ -100,8 +108,17 @@ class Hyperparameters:
     batch_size: int
 
 
-def check_options(kind: str, epochs: int | None, batch_size: int | None, subset: int | None, lr: float | None,
-                  l1: float | None, l2: float | None, optimizer: str | None, seed: int | None) -> None:
+def check_options(
+    kind: str,
+    epochs: int | None,
+    batch_size: int | None,
+    subset: int | None,
+    lr: float | None,
+    l1: float | None,
+    l2: float | None,
+    optimizer: str | None,
+    seed: int | None,
+) -> None:
     """ValueError naming the first argument that is not what train() takes (None: the default)."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"model: expected one of {', '.join(MODEL_KINDS)}, got {kind!r}")
@@ -111,8 +128,12 @@ def check_options(kind: str, epochs: int | None, batch_size: int | None, subset:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
     for name, value, low in (("lr", lr, "> 0"), ("l1", l1, ">= 0"), ("l2", l2, ">= 0")):
-        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                      and (0 < value if low == "> 0" else 0 <= value) and value <= LARGEST):
+        if value is not None and not (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and (0 < value if low == "> 0" else 0 <= value)
+            and value <= LARGEST
+        ):
             raise ValueError(f"{name}: expected a finite number {low} (at most {LARGEST:.4g}), got {value!r}")
     if optimizer is not None and optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {optimizer!r}")
@@ -156,8 +177,10 @@ class Objective(nn.Module):
 
 
 def trained_part(model: nn.Module, loss_name: str) -> nn.Module:
-    return {"discriminator_loss": getattr(model, "discriminator", None),
-            "generator_loss": getattr(model, "generator", None)}.get(loss_name, model)
+    return {
+        "discriminator_loss": getattr(model, "discriminator", None),
+        "generator_loss": getattr(model, "generator", None),
+    }.get(loss_name, model)
 
 
 def weight_penalty(module: nn.Module, l1: float, l2: float) -> Tensor:
@@ -186,8 +209,9 @@ def optimizer_name(saved: dict) -> str:
     return "adam" if "betas" in saved["param_groups"][0] else "sgd"
 
 
-def train_step(kind: str, objective: nn.Module, model: nn.Module, optimizers: list, batch: list[Tensor]
-               ) -> dict[str, Tensor]:
+def train_step(
+    kind: str, objective: nn.Module, model: nn.Module, optimizers: list, batch: list[Tensor]
+) -> dict[str, Tensor]:
     """One optimizer step (the GAN: one discriminator step, then one generator step); the losses."""
     if kind != "gan":
         return {"loss": optimize(objective("loss", *batch), optimizers[0])}
@@ -231,8 +255,10 @@ def resolve_device(device: str | None) -> torch.device:
     if chosen is None or chosen.type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected cpu, cuda or cuda:N, got {device!r}")
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA GPU is available here (torch.cuda.is_available() is "
-                         "False); use --device cpu")
+        raise ValueError(
+            f"device {device!r}: no CUDA GPU is available here (torch.cuda.is_available() is "
+            "False); use --device cpu"
+        )
     if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return chosen
@@ -283,8 +309,10 @@ def notice(procs: Processes, text: str) -> None:
 
 def check_tools(pictures: bool, progress: bool) -> None:
     """The optional packages this run needs, before it starts rather than after its first epoch."""
-    for needed, module, use in ((pictures, "matplotlib", "pictures and loss curves (--out)"),
-                                (progress, "tqdm", "the progress bar (or --no-progress)")):
+    for needed, module, use in (
+        (pictures, "matplotlib", "pictures and loss curves (--out)"),
+        (progress, "tqdm", "the progress bar (or --no-progress)"),
+    ):
         if needed:
             try:
                 __import__(module)
@@ -308,8 +336,10 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
     if resume and not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
     if not resume and not overwrite and path.exists():
-        raise FileExistsError(f"{path}: a checkpoint is there already; --resume continues its run, --overwrite "
-                              "starts a new one that replaces it at the end of its first epoch")
+        raise FileExistsError(
+            f"{path}: a checkpoint is there already; --resume continues its run, --overwrite "
+            "starts a new one that replaces it at the end of its first epoch"
+        )
 
 
 def create_output(out: Path) -> None:
@@ -322,34 +352,70 @@ def create_output(out: Path) -> None:
         raise OutputError(f"output folder {out}: cannot write there ({error.strerror or error})") from None
 
 
-def choose_hyperparameters(kind: str, data: ImageData | TextData, requested: dict, saved: dict | None,
-                           path: Path | None, procs: Processes) -> Hyperparameters:
+def choose_hyperparameters(
+    kind: str,
+    data: ImageData | TextData,
+    requested: dict,
+    saved: dict | None,
+    path: Path | None,
+    procs: Processes,
+) -> Hyperparameters:
     """The requested hyperparameters, the rest from the checkpoint (resuming) or the defaults. Resuming
     applies a changed lr, l1, l2 or batch size and says so; another optimizer cannot continue the state."""
-    defaults = {"optimizer": "adam", "lr": default_lr(kind, data), "l1": 0.0,
-                "l2": 0.0, "batch_size": DEFAULT_BATCH_SIZE}
+    defaults = {
+        "optimizer": "adam",
+        "lr": default_lr(kind, data),
+        "l1": 0.0,
+        "l2": 0.0,
+        "batch_size": DEFAULT_BATCH_SIZE,
+    }
     if saved is None:
         return Hyperparameters(**{k: defaults[k] if v is None else v for k, v in requested.items()})
     stored = saved["config"].get("hyperparameters") or {}  # none in checkpoints of genfast before 2026-12
     first = saved["optimizers"][0]
-    trained = {**defaults, **{k: v for k, v in stored.items() if k in defaults},
-               "optimizer": optimizer_name(first), "lr": first["param_groups"][0]["lr"]}
+    trained = {
+        **defaults,
+        **{k: v for k, v in stored.items() if k in defaults},
+        "optimizer": optimizer_name(first),
+        "lr": first["param_groups"][0]["lr"],
+    }
     if requested["optimizer"] not in (None, trained["optimizer"]):
-        raise CheckpointError(f"{path}: the run was trained with {trained['optimizer']}, whose state "
-                              f"{requested['optimizer']} cannot continue; drop --optimizer, or start a new run "
-                              "with --overwrite")
+        raise CheckpointError(
+            f"{path}: the run was trained with {trained['optimizer']}, whose state "
+            f"{requested['optimizer']} cannot continue; drop --optimizer, or start a new run "
+            "with --overwrite"
+        )
     changed = {k: v for k, v in requested.items() if v is not None and v != trained[k]}
     if changed:
-        notice(procs, f"resuming {path} with " + ", ".join(f"{k} {v} (was {trained[k]})" for k, v in changed.items()))
+        notice(
+            procs,
+            f"resuming {path} with " + ", ".join(f"{k} {v} (was {trained[k]})" for k, v in changed.items()),
+        )
     return Hyperparameters(**{**trained, **changed})
 
 
-def train(model_name: str, *, data: str | None = None, data_dir: str | None = None, epochs: int | None = None,
-          batch_size: int | None = None, lr: float | None = None, optimizer: str | None = None,
-          l1: float | None = None, l2: float | None = None, device: str | None = None, seed: int | None = None,
-          fused: bool = True, out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-          subset: int | None = None, model_options: dict | None = None, progress: bool = True,
-          evaluate: bool = True) -> TrainResult:
+def train(
+    model_name: str,
+    *,
+    data: str | None = None,
+    data_dir: str | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    optimizer: str | None = None,
+    l1: float | None = None,
+    l2: float | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+    fused: bool = True,
+    out: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    subset: int | None = None,
+    model_options: dict | None = None,
+    progress: bool = True,
+    evaluate: bool = True,
+) -> TrainResult:
     """Train `model_name` ("autoencoder", "vae", "gan" or "lm") for `epochs` epochs in all.
 
     data: "digits" (default for images), "digits28", "mnist" (with data_dir), or for "lm" a text file
@@ -377,13 +443,19 @@ def train(model_name: str, *, data: str | None = None, data_dir: str | None = No
         check_output(out, resume, overwrite)
     saved = checkpoint.load(out / CHECKPOINT) if resume else None
     model_options = model_options or {}
-    dataset = load_data(data or ("text" if model_name == "lm" else "digits"), model_name, data_dir,
-                        model_options.get("context", LM_CONTEXT))
+    dataset = load_data(
+        data or ("text" if model_name == "lm" else "digits"),
+        model_name,
+        data_dir,
+        model_options.get("context", LM_CONTEXT),
+    )
     requested = {"optimizer": optimizer, "lr": lr, "l1": l1, "l2": l2, "batch_size": batch_size}
     hyper = choose_hyperparameters(model_name, dataset, requested, saved, out and out / CHECKPOINT, procs)
     if saved is not None and seed is not None and seed != saved["shuffle"]["seed"]:
-        raise CheckpointError(f"{out / CHECKPOINT}: the run has seed {saved['shuffle']['seed']}, which a resumed "
-                              f"run keeps (got --seed {seed}); start a new run with --overwrite for another")
+        raise CheckpointError(
+            f"{out / CHECKPOINT}: the run has seed {saved['shuffle']['seed']}, which a resumed "
+            f"run keeps (got --seed {seed}); start a new run with --overwrite for another"
+        )
     run = Run(model_name, procs, dataset, seed or 0, out, progress)
     run.prepare(model_options, fused, hyper, subset, saved)
     if out is not None and procs.main:
@@ -405,14 +477,31 @@ def train(model_name: str, *, data: str | None = None, data_dir: str | None = No
 class Run:
     """The state of one training run: model, optimizers, data, history; checkpoints and pictures."""
 
-    def __init__(self, kind: str, procs: Processes, data: ImageData | TextData, seed: int, out: Path | None,
-                 progress: bool) -> None:
-        self.kind, self.procs, self.data, self.seed, self.out, self.progress = kind, procs, data, seed, out, progress
+    def __init__(
+        self,
+        kind: str,
+        procs: Processes,
+        data: ImageData | TextData,
+        seed: int,
+        out: Path | None,
+        progress: bool,
+    ) -> None:
+        self.kind, self.procs, self.data, self.seed, self.out, self.progress = (
+            kind,
+            procs,
+            data,
+            seed,
+            out,
+            progress,
+        )
         self.epoch, self.history = 0, {}
-        self.saved_epoch: int | None = None  # the epoch of the checkpoint in `out` that this run wrote or resumed
+        self.saved_epoch: int | None = (
+            None  # the epoch of the checkpoint in `out` that this run wrote or resumed
+        )
 
-    def prepare(self, model_options: dict, fused: bool, hyper: Hyperparameters, subset: int | None,
-                saved: dict | None) -> None:
+    def prepare(
+        self, model_options: dict, fused: bool, hyper: Hyperparameters, subset: int | None, saved: dict | None
+    ) -> None:
         """Build the model and optimizers (seeded) and restore the checkpoint `saved` into them."""
         self.hyper = hyper
         if saved is not None:
@@ -426,8 +515,13 @@ class Run:
         self.tensors = [t[:subset].to(self.procs.device) for t in self.data.tensors()]
         self.labels = getattr(self.data, "labels", None)
         self.labels = self.labels[:subset] if self.labels is not None else None
-        self.config = {"model": self.kind, "data": self.data.name, "subset": subset,
-                       "vocab": getattr(self.data, "vocab", None), "hyperparameters": asdict(hyper)}
+        self.config = {
+            "model": self.kind,
+            "data": self.data.name,
+            "subset": subset,
+            "vocab": getattr(self.data, "vocab", None),
+            "hyperparameters": asdict(hyper),
+        }
         if saved is not None:
             self.restore(saved)
 
@@ -435,12 +529,16 @@ class Run:
         path = self.out / CHECKPOINT
         for key in ("model", "data", "subset", "vocab"):
             if state["config"][key] != self.config[key]:
-                raise CheckpointError(f"{path}: the checkpoint's {key} is {state['config'][key]!r}, "
-                                      f"this run's {self.config[key]!r}")
+                raise CheckpointError(
+                    f"{path}: the checkpoint's {key} is {state['config'][key]!r}, "
+                    f"this run's {self.config[key]!r}"
+                )
         checkpoint.load_model_state(self.model, state["model"], path)
         if len(state["optimizers"]) != len(self.optimizers):
-            raise CheckpointError(f"{path}: the checkpoint has {len(state['optimizers'])} optimizer states, "
-                                  f"this {self.kind} {len(self.optimizers)}")
+            raise CheckpointError(
+                f"{path}: the checkpoint has {len(state['optimizers'])} optimizer states, "
+                f"this {self.kind} {len(self.optimizers)}"
+            )
         for optimizer, saved in zip(self.optimizers, state["optimizers"]):
             checkpoint.load_optimizer_state(optimizer, saved, path)
             for group in optimizer.param_groups:
@@ -450,8 +548,10 @@ class Run:
         if len(state["rng"]) == self.procs.world:
             set_rng_state(state["rng"][self.procs.rank], self.procs.device)
         else:
-            warnings.warn(f"{path}: saved by {len(state['rng'])} processes, resumed by {self.procs.world}: the "
-                          "random streams are not restored, the run will not repeat an uninterrupted one")
+            warnings.warn(
+                f"{path}: saved by {len(state['rng'])} processes, resumed by {self.procs.world}: the "
+                "random streams are not restored, the run will not repeat an uninterrupted one"
+            )
 
     def connect(self) -> None:
         """The objective, under DistributedDataParallel when there are several processes."""
@@ -459,39 +559,56 @@ class Run:
         if self.procs.world > 1:
             # The GAN's discriminator step leaves the generator without gradients: without the flag it fails.
             # (DDP's one-time warning that it found no unused parameters is then a false positive.)
-            objective = DistributedDataParallel(objective, find_unused_parameters=self.kind == "gan",
-                                                device_ids=[self.procs.device] if self.procs.device.type == "cuda"
-                                                else None)
+            objective = DistributedDataParallel(
+                objective,
+                find_unused_parameters=self.kind == "gan",
+                device_ids=[self.procs.device] if self.procs.device.type == "cuda" else None,
+            )
         self.objective = objective
 
     def fit(self, epochs: int) -> TrainResult:
         # DistributedSampler with one replica too, so that N processes see, step for step, the batches one
         # process sees at N times the batch size. It shuffles with a generator seeded seed + epoch.
-        sampler = DistributedSampler(range(len(self.tensors[0])), num_replicas=self.procs.world,
-                                     rank=self.procs.rank, shuffle=True, seed=self.seed)
+        sampler = DistributedSampler(
+            range(len(self.tensors[0])),
+            num_replicas=self.procs.world,
+            rank=self.procs.rank,
+            shuffle=True,
+            seed=self.seed,
+        )
         batches = BatchSampler(sampler, self.hyper.batch_size, drop_last=False)
         if self.epoch >= epochs:
-            notice(self.procs, f"{self.out / CHECKPOINT} has {self.epoch} epochs already, --epochs {epochs}: "
-                               "nothing to train")
+            notice(
+                self.procs,
+                f"{self.out / CHECKPOINT} has {self.epoch} epochs already, --epochs {epochs}: "
+                "nothing to train",
+            )
         seen, busy = 0, 0.0
         for epoch in range(self.epoch, epochs):
             sampler.set_epoch(epoch)
-            bar = progress_bar(batches, self.progress and self.procs.main, f"{self.kind} {epoch + 1}/{epochs}")
+            bar = progress_bar(
+                batches, self.progress and self.procs.main, f"{self.kind} {epoch + 1}/{epochs}"
+            )
             start = time.perf_counter()
             for indices in bar:
-                losses = train_step(self.kind, self.objective, self.model, self.optimizers,
-                                    [t[indices] for t in self.tensors])
+                losses = train_step(
+                    self.kind, self.objective, self.model, self.optimizers, [t[indices] for t in self.tensors]
+                )
                 seen += len(indices) * self.procs.world
                 self.record(losses, epoch)
                 if bar is not batches:
                     rate = seen / (busy + time.perf_counter() - start)
-                    bar.set_postfix({k: f"{v[-1]:.4f}" for k, v in self.history.items()} | {"samples/s": f"{rate:.0f}"},
-                                    refresh=False)
+                    bar.set_postfix(
+                        {k: f"{v[-1]:.4f}" for k, v in self.history.items()} | {"samples/s": f"{rate:.0f}"},
+                        refresh=False,
+                    )
             busy += time.perf_counter() - start
             self.check_weights(epoch)
             self.epoch = epoch + 1
             self.end_epoch()
-        return TrainResult(self.model, self.history, self.epoch, seen / busy if busy else 0.0, self.out, self.data)
+        return TrainResult(
+            self.model, self.history, self.epoch, seen / busy if busy else 0.0, self.out, self.data
+        )
 
     def record(self, losses: dict[str, Tensor], epoch: int) -> None:
         """Append the step's losses (averaged over the processes, so every process sees the same values) and
@@ -502,16 +619,20 @@ class Run:
             values /= self.procs.world
         for name, value in zip(losses, values.tolist()):
             if not math.isfinite(value):
-                raise NonFiniteError(f"{name} is {value} at step {len(self.history.get(name, [])) + 1} (epoch "
-                                     f"{epoch + 1}): training stopped; {self.kept()} (lower --lr, --l1, --l2?)")
+                raise NonFiniteError(
+                    f"{name} is {value} at step {len(self.history.get(name, [])) + 1} (epoch "
+                    f"{epoch + 1}): training stopped; {self.kept()} (lower --lr, --l1, --l2?)"
+                )
             self.history.setdefault(name, []).append(value)
 
     def check_weights(self, epoch: int) -> None:
         """A finite last loss can still be followed by an update to NaN or infinite weights."""
         bad = [name for name, p in self.model.named_parameters() if not p.isfinite().all()]
         if bad:
-            raise NonFiniteError(f"the weights ({', '.join(bad[:3])}) are NaN or infinite after epoch {epoch + 1}: "
-                                 f"training stopped; {self.kept()} (lower --lr, --l1, --l2?)")
+            raise NonFiniteError(
+                f"the weights ({', '.join(bad[:3])}) are NaN or infinite after epoch {epoch + 1}: "
+                f"training stopped; {self.kept()} (lower --lr, --l1, --l2?)"
+            )
 
     def kept(self) -> str:
         """What is left on disk after a stop."""
@@ -533,15 +654,24 @@ class Run:
         if self.procs.main:
             self.save_checkpoint(rng)
             with torch.no_grad():
-                write_pictures(self.kind, self.model, self.data, self.tensors, self.out, self.epoch, self.seed)
-            plot_losses(self.history, len(self.history[next(iter(self.history))]) / self.epoch, self.out / "loss.png")
+                write_pictures(
+                    self.kind, self.model, self.data, self.tensors, self.out, self.epoch, self.seed
+                )
+            plot_losses(
+                self.history, len(self.history[next(iter(self.history))]) / self.epoch, self.out / "loss.png"
+            )
 
     def save_checkpoint(self, rng: list[dict]) -> None:
-        state = {"model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
-                 "epoch": self.epoch, "rng": rng,
-                 # DistributedSampler reseeds its generator with seed + epoch: that is its whole state.
-                 "shuffle": {"seed": self.seed, "epoch": self.epoch},
-                 "history": self.history, "config": self.config}
+        state = {
+            "model": self.model.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "epoch": self.epoch,
+            "rng": rng,
+            # DistributedSampler reseeds its generator with seed + epoch: that is its whole state.
+            "shuffle": {"seed": self.seed, "epoch": self.epoch},
+            "history": self.history,
+            "config": self.config,
+        }
         checkpoint.save(state, self.out / CHECKPOINT)
         self.saved_epoch = self.epoch
 
@@ -552,14 +682,20 @@ class Run:
         try:
             quality = measure(self.kind, self.model, self.data, self.tensors[0], self.labels, self.seed)
         except ImportError as error:
-            return None, f"quality: not measured, the digit classifier needs scikit-learn ({error.name or error} " \
-                         "is missing: pip install scikit-learn)"
+            return (
+                None,
+                f"quality: not measured, the digit classifier needs scikit-learn ({error.name or error} "
+                "is missing: pip install scikit-learn)",
+            )
         return quality, quality.summary()
 
 
 def rng_state(device: torch.device) -> dict:
     """The generators this process draws from: the CPU's and, training on a GPU, that GPU's."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
@@ -575,5 +711,7 @@ def progress_bar(batches, enabled: bool, desc: str):
     try:
         from tqdm import tqdm
     except ImportError as error:
-        raise ModuleNotFoundError("the progress bar needs tqdm: pip install tqdm (or --no-progress)") from error
+        raise ModuleNotFoundError(
+            "the progress bar needs tqdm: pip install tqdm (or --no-progress)"
+        ) from error
     return tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True)

@@ -48,8 +48,11 @@ def test_pins_of_concurrent_threads_never_mix():
             except RuntimeError as error:
                 wrong.append(str(error))
 
-    threads = [threading.Thread(target=pinned, args=("reference",)), threading.Thread(target=unpinned),
-               threading.Thread(target=_pinned_to_cuda, args=(start, wrong))]
+    threads = [
+        threading.Thread(target=pinned, args=("reference",)),
+        threading.Thread(target=unpinned),
+        threading.Thread(target=_pinned_to_cuda, args=(start, wrong)),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -91,8 +94,11 @@ def test_backward_runs_where_its_forward_ran(op, monkeypatch):
     calls = []
     for backward_op in (dense.BACKWARD, reparam.SAMPLE_BACKWARD, reparam.KL_BACKWARD):
         kernel = backward_op.kernel("reference")
-        monkeypatch.setitem(backward_op._resolved, "reference",
-                            lambda *a, _f=kernel, _n=backward_op.name: calls.append(_n) or _f(*a))
+        monkeypatch.setitem(
+            backward_op._resolved,
+            "reference",
+            lambda *a, _f=kernel, _n=backward_op.name: calls.append(_n) or _f(*a),
+        )
     a, b = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
     with genfast.use_backend("reference"):
         if op == "dense":

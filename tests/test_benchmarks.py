@@ -65,17 +65,23 @@ def test_overhead_family_gives_each_op_per_call_in_microseconds_against_eager(tm
     monkeypatch.setattr(timing, "QUICK", tiny)
     path = runner.run(device="cpu", cases=["overhead"], quick=True, out=tmp_path)
     rows = json.loads(path.read_text())["rows"]
-    assert [row["case"] for row in rows] == ["fused_dense 64x100->128 relu fp32 both",
-                                            "generator_loss nonsaturating 64x1 fp32 both",
-                                            "reparameterize 64x20 fp32 both"]
+    assert [row["case"] for row in rows] == [
+        "fused_dense 64x100->128 relu fp32 both",
+        "generator_loss nonsaturating 64x1 fp32 both",
+        "reparameterize 64x20 fp32 both",
+    ]
     for row in rows:
         assert {"genfast:auto", "eager", "compile"} < set(row["results"])  # and genfast on each backend
         for result in row["results"].values():
-            assert result["us_per_call"] == pytest.approx(1e3 * result["median_ms"]) and result["repeats"] <= 5
+            assert (
+                result["us_per_call"] == pytest.approx(1e3 * result["median_ms"]) and result["repeats"] <= 5
+            )
         assert row["ratios"]["eager/genfast:auto"] == pytest.approx(
-            row["results"]["eager"]["median_ms"] / row["results"]["genfast:auto"]["median_ms"])
-    columns = next(line for line in path.with_suffix(".md").read_text().splitlines()
-                   if line.startswith("| case |"))
+            row["results"]["eager"]["median_ms"] / row["results"]["genfast:auto"]["median_ms"]
+        )
+    columns = next(
+        line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| case |")
+    )
     assert "| genfast:auto µs/call |" in columns and "| eager µs/call |" in columns
 
 
@@ -84,10 +90,12 @@ def _row(family: str, case: str, ratios: dict[str, float]) -> dict:
 
 
 def test_summary_is_the_geometric_mean_min_max_and_count_per_family_and_ratio_column():
-    rows = [_row("dense", "a", {"eager/genfast:cpu": 2.0, "compile/genfast:cpu": 0.5}),
-            _row("dense", "b", {"eager/genfast:cpu": 8.0, "compile/genfast:cpu": 3.0}),
-            _row("dense", "c", {"eager/genfast:cpu": 1.5}),
-            _row("losses", "d", {"eager/genfast:cpu": 0.25})]
+    rows = [
+        _row("dense", "a", {"eager/genfast:cpu": 2.0, "compile/genfast:cpu": 0.5}),
+        _row("dense", "b", {"eager/genfast:cpu": 8.0, "compile/genfast:cpu": 3.0}),
+        _row("dense", "c", {"eager/genfast:cpu": 1.5}),
+        _row("losses", "d", {"eager/genfast:cpu": 0.25}),
+    ]
     table = report.summary(rows)
     assert set(table) == {"dense", "losses"} and set(table["losses"]) == {"eager/genfast:cpu"}
     eager = table["dense"]["eager/genfast:cpu"]
@@ -127,15 +135,34 @@ def _gpu_results(shapes: int) -> tuple[dict, list[dict]]:
     header.update(device="NVIDIA H200", device_type="cuda", driver="580.1")
     names = ("genfast:auto", "genfast:cuda", "genfast:triton", "eager", "compile")
     rows = []
-    for family, shape, mode in itertools.product(("dense", "reparam"), range(shapes), ("forward", "backward", "both")):
-        results = {name: {"median_ms": 0.1 * (1 + (shape + i) % 7), "repeats": 100, "peak_bytes": 3 * 2**20,
-                          "bandwidth_fraction": 0.25 * (1 + i % 3), "kernels": 1 + i}
-                   for i, name in enumerate(names)}
-        ratios = {f"{base}/{ours}": results[base]["median_ms"] / results[ours]["median_ms"]
-                  for base in ("eager", "compile") for ours in names[:3]}
-        rows.append({"family": family, "case": f"{family} {64 * (shape + 1)}x784 bf16 {mode}",
-                     "params": {"batch": shape, "dtype": "bfloat16", "mode": mode}, "flops": 0,
-                     "results": results, "ratios": ratios})
+    for family, shape, mode in itertools.product(
+        ("dense", "reparam"), range(shapes), ("forward", "backward", "both")
+    ):
+        results = {
+            name: {
+                "median_ms": 0.1 * (1 + (shape + i) % 7),
+                "repeats": 100,
+                "peak_bytes": 3 * 2**20,
+                "bandwidth_fraction": 0.25 * (1 + i % 3),
+                "kernels": 1 + i,
+            }
+            for i, name in enumerate(names)
+        }
+        ratios = {
+            f"{base}/{ours}": results[base]["median_ms"] / results[ours]["median_ms"]
+            for base in ("eager", "compile")
+            for ours in names[:3]
+        }
+        rows.append(
+            {
+                "family": family,
+                "case": f"{family} {64 * (shape + 1)}x784 bf16 {mode}",
+                "params": {"batch": shape, "dtype": "bfloat16", "mode": mode},
+                "flops": 0,
+                "results": results,
+                "ratios": ratios,
+            }
+        )
     return header, rows
 
 

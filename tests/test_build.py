@@ -57,7 +57,9 @@ def test_cuda_kernels_are_compiled_when_a_toolkit_and_cuda_torch_are_present():
 
     if os.environ.get("GENFAST_CUDA") == "0":
         pytest.skip("GENFAST_CUDA=0 forced a CPU-only build")
-    assert genfast.build_info()["cuda"], "CUDA toolkit and CUDA PyTorch present, but no CUDA kernels were built"
+    assert genfast.build_info()["cuda"], (
+        "CUDA toolkit and CUDA PyTorch present, but no CUDA kernels were built"
+    )
 
 
 def _cuobjdump() -> str | None:
@@ -88,9 +90,11 @@ def test_cuda_build_embeds_ptx_for_gpus_newer_than_its_targets():
 
 
 # Kernels allowed a stack frame or local memory: part of the demangled name -> why it cannot do without.
-_MISH_DZ = ("mish's derivative (one IEEE division, a subroutine call on the GPU) in the dense backward: "
-            "across the calls of the unrolled row loop ptxas keeps one 64-bit loop value on the stack, stored once "
-            "before the loop and loaded once after it (8-16 bytes a thread, no traffic in the loop)")
+_MISH_DZ = (
+    "mish's derivative (one IEEE division, a subroutine call on the GPU) in the dense backward: "
+    "across the calls of the unrolled row loop ptxas keeps one 64-bit loop value on the stack, stored once "
+    "before the loop and loaded once after it (8-16 bytes a thread, no traffic in the loop)"
+)
 KERNELS_ALLOWED_LOCAL_MEMORY: dict[str, str] = {
     "dz_kernel<float, (genfast::Act)9>": _MISH_DZ,
     "dz_kernel<c10::Half, (genfast::Act)9>": _MISH_DZ,

@@ -14,8 +14,12 @@ from tests.conftest import compiled_op_targets, require_backend
 
 
 def model() -> nn.Sequential:
-    return nn.Sequential(FusedLinear(20, 32, activation="relu"), FusedLinear(32, 16, activation="gelu"),
-                         FusedLinear(16, 8, activation="leaky_relu"), FusedLinear(8, 4, activation="sigmoid"))
+    return nn.Sequential(
+        FusedLinear(20, 32, activation="relu"),
+        FusedLinear(32, 16, activation="gelu"),
+        FusedLinear(16, 8, activation="leaky_relu"),
+        FusedLinear(8, 4, activation="sigmoid"),
+    )
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

@@ -45,6 +45,7 @@ def make_inputs(batch, n_in, n_out, dtype, device, bias=True, leading=()):
 
 def check_against_reference(backend, x, w, b, act, grad_seed_shape=None):
     """Forward and gradients of genfast (on `backend`) and of eager PyTorch at x's dtype, vs float64."""
+
     def leaves(dtype):
         return [None if t is None else t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
 
@@ -100,13 +101,26 @@ def test_eager_autograd_saves_only_x_weight_and_the_minimal_aux(backend, act):
     require_backend(backend, "cpu")
     x, w, b = (t.requires_grad_() for t in make_inputs(7, 100, 130, torch.float32, "cpu"))
     saved = []
-    with genfast.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(
-            lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+    with (
+        genfast.use_backend(backend),
+        torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t
+        ),
+    ):
         genfast.fused_dense(x, w, b, activation=act)
-    expected_aux = {"mask": ((7, 32), torch.uint8), "preact": ((7, 130), torch.float32),
-                    "output": ((7, 130), torch.float32), "none": ((0,), torch.float32)}[ACTIVATIONS[act].saves]
+    expected_aux = {
+        "mask": ((7, 32), torch.uint8),
+        "preact": ((7, 130), torch.float32),
+        "output": ((7, 130), torch.float32),
+        "none": ((0,), torch.float32),
+    }[ACTIVATIONS[act].saves]
     # bias is kept by reference (no memory) for a backward that builds a graph.
-    assert saved == [((7, 100), torch.float32), ((130, 100), torch.float32), expected_aux, ((130,), torch.float32)]
+    assert saved == [
+        ((7, 100), torch.float32),
+        ((130, 100), torch.float32),
+        expected_aux,
+        ((130,), torch.float32),
+    ]
 
 
 @pytest.mark.parametrize("act", ["relu", "leaky_relu", "sigmoid"])
@@ -130,7 +144,9 @@ def test_cpu_mask_and_bias_gradient_do_not_depend_on_the_thread_count(act):
             # bits depend on where the threads split the tensor (as eager torch.sigmoid's do).
             if saved is None:
                 saved = y if ACTIVATIONS[act].saves == "output" else aux
-            grad_b = genfast._extension._C.dense_backward_cpu(grad_y, x, w, saved, code, SLOPE, False, False, True)[2]
+            grad_b = genfast._extension._C.dense_backward_cpu(
+                grad_y, x, w, saved, code, SLOPE, False, False, True
+            )[2]
             results.append((aux, grad_b))
     finally:
         torch.set_num_threads(threads)
@@ -141,14 +157,18 @@ def test_cpu_mask_and_bias_gradient_do_not_depend_on_the_thread_count(act):
 def test_cpu_kernels_without_avx512_match_reference():
     """The 8-lane (AVX2) relu/leaky_relu passes, which CPUs without AVX-512 run, in a child process."""
     require_backend("cpu", "cpu")
-    code = ("import torch; from tests.test_dense import check_against_reference, make_inputs\n"
-            "assert torch.backends.cpu.get_cpu_capability() == 'AVX2'\n"
-            "for shape in [(1, 1, 1), (7, 100, 7), (100, 784, 1000), (1031, 7, 100)]:\n"
-            "    for act in ('relu', 'leaky_relu'):\n"
-            "        for dtype in (torch.float32, torch.bfloat16):\n"
-            "            check_against_reference('cpu', *make_inputs(*shape, dtype, 'cpu'), act)\n")
+    code = (
+        "import torch; from tests.test_dense import check_against_reference, make_inputs\n"
+        "assert torch.backends.cpu.get_cpu_capability() == 'AVX2'\n"
+        "for shape in [(1, 1, 1), (7, 100, 7), (100, 784, 1000), (1031, 7, 100)]:\n"
+        "    for act in ('relu', 'leaky_relu'):\n"
+        "        for dtype in (torch.float32, torch.bfloat16):\n"
+        "            check_against_reference('cpu', *make_inputs(*shape, dtype, 'cpu'), act)\n"
+    )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -168,7 +188,9 @@ def test_saved_tensors_are_the_minimal_ones(backend, act):
         # Bits may differ only where z is within float rounding of 0.
         differ = reference.unpack_mask(aux, 130) != (z > 0)
         assert (z.abs()[differ] < 1e-5).all()
-        assert torch.equal(aux, reference.pack_mask(reference.unpack_mask(aux, 130))), "padding bits must be 0"
+        assert torch.equal(aux, reference.pack_mask(reference.unpack_mask(aux, 130))), (
+            "padding bits must be 0"
+        )
     elif saves == "preact":
         assert aux.shape == (7, 130) and aux.dtype == x.dtype
         torch.testing.assert_close(aux.double(), z, rtol=0, atol=1e-5)
@@ -183,15 +205,19 @@ def test_gradcheck_float64(act):
     inputs = tuple(t.requires_grad_() for t in (x, w, b))
     with genfast.use_backend("cpu"):
         assert torch.autograd.gradcheck(
-            lambda *t: genfast.fused_dense(*t, activation=act, negative_slope=SLOPE), inputs)
+            lambda *t: genfast.fused_dense(*t, activation=act, negative_slope=SLOPE), inputs
+        )
 
 
 # In float64, where the comparison is exact: Triton's erf/tanh/exp are fp32-accurate approximations
 # (no libdevice), so it takes the activations it computes exactly; leaky_relu among them now that its
 # slope arrives in fp64 (it came as fp32, 1.5e-8 off). The penalty is a scalar of ~1e2, whose float32
 # rounding alone would decide a comparison in float32.
-@pytest.mark.parametrize("backend, act", [(b, a) for b in ("reference", "cpu") for a in ACTS]
-                         + [("triton", a) for a in ("relu", "leaky_relu", "none")])
+@pytest.mark.parametrize(
+    "backend, act",
+    [(b, a) for b in ("reference", "cpu") for a in ACTS]
+    + [("triton", a) for a in ("relu", "leaky_relu", "none")],
+)
 def test_gradient_penalty_double_backward_matches_reference(backend, act):
     """R1 / WGAN-GP: the gradient of ||d y / d x||^2 w.r.t. the weights, through create_graph=True."""
     require_backend(backend, "cpu")
@@ -214,7 +240,8 @@ def test_gradgradcheck_float64(act):
     x, w, b = (t.requires_grad_() for t in make_inputs(3, 5, 4, torch.float64, "cpu"))
     with genfast.use_backend("cpu"):
         assert torch.autograd.gradgradcheck(
-            functools.partial(genfast.fused_dense, activation=act, negative_slope=SLOPE), (x, w, b))
+            functools.partial(genfast.fused_dense, activation=act, negative_slope=SLOPE), (x, w, b)
+        )
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
@@ -225,15 +252,28 @@ def test_opcheck(backend, act):
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), ACTIVATIONS[act].code, SLOPE)
     with genfast.use_backend(backend):
         torch.library.opcheck(torch.ops.genfast.fused_dense.default, args)
-        torch.library.opcheck(torch.ops.genfast.fused_dense.default, (x, w, None, ACTIVATIONS[act].code, SLOPE))
+        torch.library.opcheck(
+            torch.ops.genfast.fused_dense.default, (x, w, None, ACTIVATIONS[act].code, SLOPE)
+        )
         strided = (non_contiguous(x), non_contiguous(w), non_contiguous(b), ACTIVATIONS[act].code, SLOPE)
         torch.library.opcheck(torch.ops.genfast.fused_dense.default, strided)
-        y, aux = torch.ops.genfast.fused_dense(x.detach(), w.detach(), b.detach(), ACTIVATIONS[act].code, SLOPE)
+        y, aux = torch.ops.genfast.fused_dense(
+            x.detach(), w.detach(), b.detach(), ACTIVATIONS[act].code, SLOPE
+        )
         saved = y if ACTIVATIONS[act].saves == "output" else aux
         for need in ((True, True, True), (False, True, False), (True, False, False), (False, False, True)):
-            torch.library.opcheck(torch.ops.genfast.fused_dense_backward.default,
-                                  (non_contiguous(torch.randn_like(y)), x.detach(), w.detach(), saved,
-                                   ACTIVATIONS[act].code, SLOPE, *need))
+            torch.library.opcheck(
+                torch.ops.genfast.fused_dense_backward.default,
+                (
+                    non_contiguous(torch.randn_like(y)),
+                    x.detach(),
+                    w.detach(),
+                    saved,
+                    ACTIVATIONS[act].code,
+                    SLOPE,
+                    *need,
+                ),
+            )
 
 
 @pytest.mark.gpu
@@ -305,7 +345,9 @@ def test_gpu_mask_bytes_equal_the_cpu_backend(backend, n_out, bias):
     with genfast.use_backend("cpu"):
         _, expected = torch.ops.genfast.fused_dense(x, w, b, code, SLOPE)
     with genfast.use_backend(backend):
-        _, mask = torch.ops.genfast.fused_dense(x.cuda(), w.cuda(), None if b is None else b.cuda(), code, SLOPE)
+        _, mask = torch.ops.genfast.fused_dense(
+            x.cuda(), w.cuda(), None if b is None else b.cuda(), code, SLOPE
+        )
     assert torch.equal(mask.cpu(), expected)
 
 

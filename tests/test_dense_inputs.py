@@ -18,7 +18,11 @@ BACKENDS = ["reference", "cpu", "triton"]
 
 
 def inputs(batch=4, n_in=6, n_out=5, dtype=torch.float32):
-    return torch.randn(batch, n_in, dtype=dtype), torch.randn(n_out, n_in, dtype=dtype), torch.randn(n_out, dtype=dtype)
+    return (
+        torch.randn(batch, n_in, dtype=dtype),
+        torch.randn(n_out, n_in, dtype=dtype),
+        torch.randn(n_out, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize(
@@ -95,19 +99,25 @@ def test_pinning_an_unusable_backend_raises():
 def _run_with_backend_variable(value: str, code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "GENFAST_BACKEND": value}
     prelude = "import torch, genfast; from genfast.backend import select; x, w = torch.randn(4, 6), torch.randn(5, 6)\n"
-    return subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_environment_variable_pins_the_backend_for_the_process():
-    code = ("assert select(x.device) == 'reference'\n"
-            "with genfast.use_backend('cpu'):\n"
-            "    assert select(x.device) == 'cpu'\n"  # an explicit pin goes over the variable
-            "assert select(x.device) == 'reference'\n")
+    code = (
+        "assert select(x.device) == 'reference'\n"
+        "with genfast.use_backend('cpu'):\n"
+        "    assert select(x.device) == 'cpu'\n"  # an explicit pin goes over the variable
+        "assert select(x.device) == 'reference'\n"
+    )
     result = _run_with_backend_variable("reference", code)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("value, words", [("cuda", "'cuda' was pinned but cannot run"), ("tpu", "unknown backend")])
+@pytest.mark.parametrize(
+    "value, words", [("cuda", "'cuda' was pinned but cannot run"), ("tpu", "unknown backend")]
+)
 def test_environment_variable_naming_an_unusable_backend_raises_at_the_op(value, words):
     result = _run_with_backend_variable(value, "genfast.fused_dense(x, w)")
     assert result.returncode != 0 and words in result.stderr, result.stderr[-2000:]
@@ -189,8 +199,11 @@ def test_half_gelu_tanh_gradient_at_large_preactivations_is_eagers(backend):
     assert torch.equal(grad, expected), (grad, expected)
 
 
-@pytest.mark.parametrize("device, backend", [("cpu", b) for b in BACKENDS]
-                         + [pytest.param("cuda", b, marks=pytest.mark.gpu) for b in ("cuda", "triton")])
+@pytest.mark.parametrize(
+    "device, backend",
+    [("cpu", b) for b in BACKENDS]
+    + [pytest.param("cuda", b, marks=pytest.mark.gpu) for b in ("cuda", "triton")],
+)
 @pytest.mark.parametrize("act", ["relu", "leaky_relu"])
 def test_gradient_at_a_nan_preactivation_is_eagers(device, backend, act):
     """Eager's relu backward (threshold_backward: z <= 0 ? 0 : g) passes the gradient at a NaN z;
@@ -202,7 +215,9 @@ def test_gradient_at_a_nan_preactivation_is_eagers(device, backend, act):
     w, b = w.requires_grad_(), b.requires_grad_()
     grad_y = torch.randn(4, 20, device=device)
     with genfast.use_backend(backend):
-        (gb,) = torch.autograd.grad(genfast.fused_dense(x, w, b, activation=act, negative_slope=0.2), b, grad_y)
+        (gb,) = torch.autograd.grad(
+            genfast.fused_dense(x, w, b, activation=act, negative_slope=0.2), b, grad_y
+        )
     eager = torch.relu if act == "relu" else lambda z: torch.nn.functional.leaky_relu(z, 0.2)
     (expected,) = torch.autograd.grad(eager(torch.nn.functional.linear(x, w, b)), b, grad_y)
     assert torch.equal(gb.isnan(), expected.isnan())
@@ -235,5 +250,7 @@ def test_triton_backward_grid_fits_cuda_limits_for_millions_of_features(monkeypa
     n = 5_000_000
     grad_y, x, w = torch.randn(1, n), torch.randn(1, 1), torch.randn(n, 1)
     saved = torch.zeros(1, mask_row_bytes(n), dtype=torch.uint8)
-    triton_dense.dense_backward(grad_y, x, w, saved, genfast.ACTIVATIONS["relu"].code, 0.0, False, False, True)
+    triton_dense.dense_backward(
+        grad_y, x, w, saved, genfast.ACTIVATIONS["relu"].code, 0.0, False, False, True
+    )
     assert grids and all(size < 65536 for grid in grids for size in grid[1:]), grids

@@ -23,12 +23,24 @@ def test_dry_run_passes_every_step_and_records_the_summary_in_the_results(tmp_pa
     require_backend("cpu", "cpu")
     pytest.importorskip("matplotlib", reason="the suite plots its results with matplotlib")
     out, logs = tmp_path / "results", tmp_path / "logs"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--out", str(out),
-                           "--logs", str(logs)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--dry", "--out", str(out), "--logs", str(logs)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     table = [line for line in (logs / "summary.md").read_text().splitlines() if line.startswith("| ")][1:]
     assert [line.split(" | ")[0][2:] for line in table] == [
-        "build", "kernels", "pytest -m gpu", "memcheck (cuda)", "racecheck (cuda)", "bench", "memcheck (triton)"]
+        "build",
+        "kernels",
+        "pytest -m gpu",
+        "memcheck (cuda)",
+        "racecheck (cuda)",
+        "bench",
+        "memcheck (triton)",
+    ]
     assert all(line.split(" | ")[1] == "passed" for line in table), table
     assert "kernel pass: " in table[1] and " 0 mismatches" in table[1]
     assert "tests collected" in table[2] and "compute-sanitizer" in table[3]
@@ -43,10 +55,20 @@ def test_dry_run_passes_every_step_and_records_the_summary_in_the_results(tmp_pa
 
 def test_make_gpu_check_runs_the_script_and_dry_1_its_dry_run():
     # --no-print-directory: under `make test` (CI) this make is a sub-make, which would print "Leaving directory".
-    commands = {dry: [line for line in subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", *dry],
-                                                      cwd=REPO, capture_output=True, text=True, check=True
-                                                      ).stdout.splitlines() if "benchmarks.gpu_check" in line][-1]
-                for dry in ((), ("DRY=1",))}
+    commands = {
+        dry: [
+            line
+            for line in subprocess.run(
+                ["make", "--no-print-directory", "-n", "gpu-check", *dry],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.splitlines()
+            if "benchmarks.gpu_check" in line
+        ][-1]
+        for dry in ((), ("DRY=1",))
+    }
     assert commands[()].split()[1:] == ["-m", "benchmarks.gpu_check"]
     assert commands[("DRY=1",)].split()[1:] == ["-m", "benchmarks.gpu_check", "--dry"]
 
@@ -75,17 +97,24 @@ def _step(name: str, code: str, cap: float = 30, floor: float = 0.5, **kw) -> gp
     return gpu_check.Step(name, [sys.executable, "-c", code], cap, floor, **kw)
 
 
-def test_a_failing_step_a_missing_tool_and_a_step_past_its_time_box_fail_and_the_rest_go_on(tmp_path, monkeypatch):
-    steps = [_step("broken", "import sys; sys.exit(3)"),
-             _step("missing", "", missing="compute-sanitizer not found: skipped"),
-             _step("slow", "import time; print('started', flush=True); time.sleep(60)", cap=2),
-             _step("fine", "print('all good')")]
+def test_a_failing_step_a_missing_tool_and_a_step_past_its_time_box_fail_and_the_rest_go_on(
+    tmp_path, monkeypatch
+):
+    steps = [
+        _step("broken", "import sys; sys.exit(3)"),
+        _step("missing", "", missing="compute-sanitizer not found: skipped"),
+        _step("slow", "import time; print('started', flush=True); time.sleep(60)", cap=2),
+        _step("fine", "print('all good')"),
+    ]
     monkeypatch.setattr(gpu_check, "plan", lambda *args: steps)
     outcomes, seconds = gpu_check.check(dry=False, budget=100, out=tmp_path, logs=tmp_path / "logs")
     got = {o.step: (o.status, o.detail) for o in outcomes}
-    assert got == {"broken": ("FAILED", "exit status 3; no output"),
-                   "missing": ("FAILED", "compute-sanitizer not found: skipped"),
-                   "slow": ("FAILED", got["slow"][1]), "fine": ("passed", "all good")}
+    assert got == {
+        "broken": ("FAILED", "exit status 3; no output"),
+        "missing": ("FAILED", "compute-sanitizer not found: skipped"),
+        "slow": ("FAILED", got["slow"][1]),
+        "fine": ("passed", "all good"),
+    }
     assert got["slow"][1].startswith("timed out after 2 s; ")
     assert seconds < 30  # the sleeper was stopped at its time box
     assert (tmp_path / "logs" / "3-slow.log").read_text().startswith("started\n")
@@ -113,9 +142,14 @@ def test_the_suite_stops_starting_cases_when_its_time_budget_runs_out(tmp_path, 
             return next(clock)
 
     def row(family, case, *args) -> dict:  # a measured row, without the minutes of measuring
-        return {"family": "losses", "case": case.name, "params": dataclasses.asdict(case), "flops": 0,
-                "results": {"genfast:cpu": {"median_ms": 1.0}, "eager": {"median_ms": 2.0}},
-                "ratios": {"eager/genfast:cpu": 2.0}}
+        return {
+            "family": "losses",
+            "case": case.name,
+            "params": dataclasses.asdict(case),
+            "flops": 0,
+            "results": {"genfast:cpu": {"median_ms": 1.0}, "eager": {"median_ms": 2.0}},
+            "ratios": {"eager/genfast:cpu": 2.0},
+        }
 
     monkeypatch.setattr(runner, "time", FakeTime)
     monkeypatch.setattr(runner, "_row", row)

@@ -48,7 +48,9 @@ def powers_of_two(shape, device="cpu"):
     return signs * torch.randint(-3, 4, shape, device=device).double().exp2()
 
 
-def check_elbo(backend, recon, target, mu, logvar, beta=0.5, recon_loss="bce", reduction="mean", weights=None):
+def check_elbo(
+    backend, recon, target, mu, logvar, beta=0.5, recon_loss="bce", reduction="mean", weights=None
+):
     """Loss, both terms and the three gradients of a weighted sum of (loss, recon term, KL term), at
     recon's dtype in genfast and in eager PyTorch, against the float64 reference.
 
@@ -59,15 +61,23 @@ def check_elbo(backend, recon, target, mu, logvar, beta=0.5, recon_loss="bce", r
     low_precision = recon.dtype in (torch.float16, torch.bfloat16)
     device = recon.device
     weights = weights or [powers_of_two(shape, device)] + [
-        torch.zeros(shape, device=device) if low_precision else powers_of_two(shape, device) for _ in range(2)]
+        torch.zeros(shape, device=device) if low_precision else powers_of_two(shape, device) for _ in range(2)
+    ]
     results = {}
     for name, dtype in (("genfast", recon.dtype), ("eager", recon.dtype), ("reference", torch.float64)):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (recon, mu, logvar)]
         tgt = target if target.dtype in (torch.uint8, torch.bool) else target.to(dtype)
         if name == "genfast":
             with genfast.use_backend(backend):
-                out = genfast.elbo_loss(leaves[0], tgt, *leaves[1:], beta=beta, recon_loss=recon_loss,
-                                        reduction=reduction, return_terms=True)
+                out = genfast.elbo_loss(
+                    leaves[0],
+                    tgt,
+                    *leaves[1:],
+                    beta=beta,
+                    recon_loss=recon_loss,
+                    reduction=reduction,
+                    return_terms=True,
+                )
         else:
             out = reference.elbo_terms(leaves[0], tgt, *leaves[1:], beta, recon_loss, reduction)
         torch.autograd.backward(out, [w.to(dtype) for w in weights])
@@ -105,8 +115,9 @@ def test_elbo_byte_targets(backend, target_dtype):
     check_elbo(backend, recon, target, mu, logvar)
     as_float = target.float() / 255 if target_dtype == torch.uint8 else target.float()
     with genfast.use_backend(backend):
-        torch.testing.assert_close(genfast.elbo_loss(recon, target, mu, logvar),
-                                   genfast.elbo_loss(recon, as_float, mu, logvar))
+        torch.testing.assert_close(
+            genfast.elbo_loss(recon, target, mu, logvar), genfast.elbo_loss(recon, as_float, mu, logvar)
+        )
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -178,8 +189,15 @@ def test_arbitrary_weights_at_low_precision(dtype, reduction):
     require_backend("cpu", "cpu")
     recon, target, mu, logvar = elbo_inputs(512, 784, 32, dtype)
     shape = (512,) if reduction == "none" else ()
-    check_elbo("cpu", recon, target, mu, logvar, reduction=reduction,
-               weights=[torch.randn(shape, dtype=torch.float64) for _ in range(3)])
+    check_elbo(
+        "cpu",
+        recon,
+        target,
+        mu,
+        logvar,
+        reduction=reduction,
+        weights=[torch.randn(shape, dtype=torch.float64) for _ in range(3)],
+    )
     real, fake = gan_inputs((4096, 1), dtype)
     shape = real.shape if reduction == "none" else ()
     for kind in KINDS:
@@ -189,10 +207,12 @@ def test_arbitrary_weights_at_low_precision(dtype, reduction):
 # ---------------------------------------------------------------------------------------------------
 # The published definitions, written out independently of genfast's term table, in float64.
 
+
 def published_discriminator(r, f, kind, s):
     if kind == "nonsaturating":  # BCE against labels 1 (smoothed to 1 - s) and 0
-        return (F.binary_cross_entropy_with_logits(r, torch.full_like(r, 1 - s))
-                + F.binary_cross_entropy_with_logits(f, torch.zeros_like(f)))
+        return F.binary_cross_entropy_with_logits(
+            r, torch.full_like(r, 1 - s)
+        ) + F.binary_cross_entropy_with_logits(f, torch.zeros_like(f))
     if kind == "hinge":
         return torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
     if kind == "lsgan":
@@ -215,16 +235,23 @@ def test_gan_losses_are_the_published_definitions(backend, kind):
     real, fake = (t.requires_grad_() for t in gan_inputs((50, 1), torch.float64))
     s = 0.1 if GAN_KINDS[kind].smoothable else 0.0
     with genfast.use_backend(backend):
-        ours = genfast.discriminator_loss(real, fake, kind, real_label_smoothing=s), genfast.generator_loss(fake, kind)
+        ours = (
+            genfast.discriminator_loss(real, fake, kind, real_label_smoothing=s),
+            genfast.generator_loss(fake, kind),
+        )
     theirs = published_discriminator(real, fake, kind, s), published_generator(fake, kind)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-        for ga, gb in zip(torch.autograd.grad(a, (real, fake), allow_unused=True, materialize_grads=True),
-                          torch.autograd.grad(b, (real, fake), allow_unused=True, materialize_grads=True)):
+        for ga, gb in zip(
+            torch.autograd.grad(a, (real, fake), allow_unused=True, materialize_grads=True),
+            torch.autograd.grad(b, (real, fake), allow_unused=True, materialize_grads=True),
+        ):
             torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)
     if kind == "nonsaturating":  # also -log D(x) - log(1 - D(G(z))) with D = sigmoid
         d = torch.sigmoid(real), torch.sigmoid(fake)
-        textbook = -(1 - s) * torch.log(d[0]).mean() - s * torch.log(1 - d[0]).mean() - torch.log(1 - d[1]).mean()
+        textbook = (
+            -(1 - s) * torch.log(d[0]).mean() - s * torch.log(1 - d[0]).mean() - torch.log(1 - d[1]).mean()
+        )
         torch.testing.assert_close(ours[0], textbook, rtol=1e-12, atol=1e-12)
 
 
@@ -250,8 +277,14 @@ def test_kl_term_is_the_closed_form_of_the_gaussian_kl():
     posterior = torch.distributions.Normal(mu, (0.5 * logvar).exp())
     prior = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
     expected = torch.distributions.kl_divergence(posterior, prior).sum(1)
-    _, _, kl = genfast.elbo_loss(torch.zeros(5, 2, dtype=torch.float64), torch.zeros(5, 2, dtype=torch.float64),
-                                 mu, logvar, reduction="none", return_terms=True)
+    _, _, kl = genfast.elbo_loss(
+        torch.zeros(5, 2, dtype=torch.float64),
+        torch.zeros(5, 2, dtype=torch.float64),
+        mu,
+        logvar,
+        reduction="none",
+        return_terms=True,
+    )
     torch.testing.assert_close(kl, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -263,13 +296,18 @@ def test_a_weighted_sum_of_losses_backpropagates_each_weight(backend):
     real, fake = gan_inputs((6, 1), torch.float64)
     leaves = [t.requires_grad_() for t in (recon, mu, logvar, real, fake)]
     w = torch.rand(6, dtype=torch.float64)
-    elbo = {genfast: lambda red: genfast.elbo_loss(recon, target, mu, logvar, reduction=red),
-            reference: lambda red: reference.elbo_terms(recon, target, mu, logvar, reduction=red)[0]}
+    elbo = {
+        genfast: lambda red: genfast.elbo_loss(recon, target, mu, logvar, reduction=red),
+        reference: lambda red: reference.elbo_terms(recon, target, mu, logvar, reduction=red)[0],
+    }
     grads = []
     for module, pin in ((genfast, backend), (reference, "reference")):
         with genfast.use_backend(pin):
-            total = (0.3 * elbo[module]("mean") + (w * elbo[module]("none")).sum()
-                     + 5 * module.discriminator_loss(real, fake, "hinge"))
+            total = (
+                0.3 * elbo[module]("mean")
+                + (w * elbo[module]("none")).sum()
+                + 5 * module.discriminator_loss(real, fake, "hinge")
+            )
         grads.append(torch.autograd.grad(total, leaves))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -281,7 +319,9 @@ def test_loss_in_fp32_math_for_low_precision_inputs():
     recon, target, mu, logvar = elbo_inputs(64, 784, 16, torch.bfloat16)
     with genfast.use_backend("cpu"):
         ours = genfast.elbo_loss(recon, target, mu, logvar, reduction="sum")
-    exact = reference.elbo_terms(recon.double(), target.double(), mu.double(), logvar.double(), reduction="sum")[0]
+    exact = reference.elbo_terms(
+        recon.double(), target.double(), mu.double(), logvar.double(), reduction="sum"
+    )[0]
     assert ours.dtype == torch.bfloat16
     bf16_ulp = 2.0 ** (math.frexp(float(exact))[1] - 8)
     assert abs(float(ours) - float(exact)) <= bf16_ulp
@@ -301,7 +341,9 @@ GPU_SHAPES = CPU_SHAPES + [(65536, 784, 32)]
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_elbo_backends_match_reference(backend, shape, dtype, recon_loss, reduction):
     require_backend(backend, "cuda")
-    check_elbo(backend, *elbo_inputs(*shape, dtype, device="cuda"), recon_loss=recon_loss, reduction=reduction)
+    check_elbo(
+        backend, *elbo_inputs(*shape, dtype, device="cuda"), recon_loss=recon_loss, reduction=reduction
+    )
 
 
 @pytest.mark.gpu
@@ -319,15 +361,19 @@ def test_gpu_elbo_uint8_targets(backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_gan_backends_match_reference(backend, shape, dtype, kind, reduction):
     require_backend(backend, "cuda")
-    check_gan(backend, *gan_inputs(shape, dtype, device="cuda"), kind, reduction, 0.1 * GAN_KINDS[kind].smoothable)
+    check_gan(
+        backend, *gan_inputs(shape, dtype, device="cuda"), kind, reduction, 0.1 * GAN_KINDS[kind].smoothable
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_same_bits_run_to_run_and_extremes(backend):
     require_backend(backend, "cuda")
-    recon, target, mu, logvar = (t.requires_grad_() if i != 1 else t
-                                 for i, t in enumerate(elbo_inputs(65536, 784, 32, torch.float32, device="cuda")))
+    recon, target, mu, logvar = (
+        t.requires_grad_() if i != 1 else t
+        for i, t in enumerate(elbo_inputs(65536, 784, 32, torch.float32, device="cuda"))
+    )
     logits = (torch.randn(1 << 20, device="cuda") * 1e4).requires_grad_()
     runs = []
     for _ in range(3):
@@ -348,10 +394,12 @@ def test_gpu_cuda_backend_launches_one_kernel_per_loss():
 
     recon, target, mu, logvar = elbo_inputs(1024, 784, 32, torch.float32, device="cuda")
     real, fake = gan_inputs((4096, 1), torch.float32, device="cuda")
-    calls = {"elbo mean": lambda: genfast.elbo_loss(recon, target, mu, logvar),
-             "elbo none": lambda: genfast.elbo_loss(recon, target, mu, logvar, reduction="none"),
-             "discriminator": lambda: genfast.discriminator_loss(real, fake, "hinge"),
-             "generator": lambda: genfast.generator_loss(fake)}
+    calls = {
+        "elbo mean": lambda: genfast.elbo_loss(recon, target, mu, logvar),
+        "elbo none": lambda: genfast.elbo_loss(recon, target, mu, logvar, reduction="none"),
+        "discriminator": lambda: genfast.discriminator_loss(real, fake, "hinge"),
+        "generator": lambda: genfast.generator_loss(fake),
+    }
     with genfast.use_backend("cuda"):
         for name, call in calls.items():
             call()
@@ -359,5 +407,9 @@ def test_gpu_cuda_backend_launches_one_kernel_per_loss():
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 call()
                 torch.cuda.synchronize()
-            kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA" and "memset" not in e.name.lower()]
+            kernels = [
+                e.name
+                for e in prof.events()
+                if e.device_type.name == "CUDA" and "memset" not in e.name.lower()
+            ]
             assert len(kernels) == 1, (name, kernels)

@@ -19,8 +19,12 @@ KINDS = sorted(GAN_KINDS)
 
 
 def elbo_args(batch=4, features=6, latent=3, dtype=torch.float32):
-    return (torch.randn(batch, features, dtype=dtype), torch.rand(batch, features, dtype=dtype),
-            torch.randn(batch, latent, dtype=dtype), torch.randn(batch, latent, dtype=dtype))
+    return (
+        torch.randn(batch, features, dtype=dtype),
+        torch.rand(batch, features, dtype=dtype),
+        torch.randn(batch, latent, dtype=dtype),
+        torch.randn(batch, latent, dtype=dtype),
+    )
 
 
 def escaped(words: str) -> str:
@@ -68,13 +72,32 @@ def test_elbo_bad_options_raise_a_clear_error(kwargs, error, words):
         (lambda r, f: genfast.discriminator_loss(r, f, "relativistic"), ValueError, "kind: expected one of"),
         (lambda r, f: genfast.generator_loss(f, "minimax"), ValueError, "kind: expected one of"),
         (lambda r, f: genfast.discriminator_loss(r.int(), f), TypeError, "real_logits: expected dtype"),
-        (lambda r, f: genfast.discriminator_loss(r, f.half()), TypeError, "fake_logits has dtype torch.float16"),
+        (
+            lambda r, f: genfast.discriminator_loss(r, f.half()),
+            TypeError,
+            "fake_logits has dtype torch.float16",
+        ),
         (lambda r, f: genfast.discriminator_loss(r, f.to("meta")), ValueError, "fake_logits is on meta"),
-        (lambda r, f: genfast.discriminator_loss(r, f, "hinge", 0.1), ValueError, "the 'hinge' loss has no labels"),
-        (lambda r, f: genfast.discriminator_loss(r, f, real_label_smoothing=1.0), ValueError, "in [0, 1), got 1.0"),
-        (lambda r, f: genfast.discriminator_loss(r, f[:3], reduction="none"), ValueError,
-         "fake_logits: reduction 'none' needs real_logits' shape (4, 1), got (3, 1)"),
-        (lambda r, f: genfast.generator_loss(f, reduction="mean_over_batch"), ValueError, "reduction: expected"),
+        (
+            lambda r, f: genfast.discriminator_loss(r, f, "hinge", 0.1),
+            ValueError,
+            "the 'hinge' loss has no labels",
+        ),
+        (
+            lambda r, f: genfast.discriminator_loss(r, f, real_label_smoothing=1.0),
+            ValueError,
+            "in [0, 1), got 1.0",
+        ),
+        (
+            lambda r, f: genfast.discriminator_loss(r, f[:3], reduction="none"),
+            ValueError,
+            "fake_logits: reduction 'none' needs real_logits' shape (4, 1), got (3, 1)",
+        ),
+        (
+            lambda r, f: genfast.generator_loss(f, reduction="mean_over_batch"),
+            ValueError,
+            "reduction: expected",
+        ),
     ],
 )
 def test_gan_bad_input_raises_a_clear_error(call, error, words):
@@ -89,9 +112,11 @@ def test_cpp_loss_codes_are_the_python_table():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
-    """"mean" over no samples is an error; "sum" is 0 with empty gradients; "none" is empty."""
+    """ "mean" over no samples is an error; "sum" is 0 with empty gradients; "none" is empty."""
     require_backend(backend, "cpu")
-    recon, target, mu, logvar = (t.requires_grad_() if i != 1 else t for i, t in enumerate(elbo_args(batch=0)))
+    recon, target, mu, logvar = (
+        t.requires_grad_() if i != 1 else t for i, t in enumerate(elbo_args(batch=0))
+    )
     fake = torch.randn(0, 1, requires_grad=True)
     with genfast.use_backend(backend):
         with pytest.raises(ValueError, match="the mean over an empty batch"):
@@ -102,7 +127,10 @@ def test_empty_batch(backend):
             genfast.discriminator_loss(torch.randn(4, 1), fake)
         total = genfast.elbo_loss(recon, target, mu, logvar, reduction="sum")
         per_sample = genfast.elbo_loss(recon, target, mu, logvar, reduction="none")
-        g_sum, g_none = genfast.generator_loss(fake, reduction="sum"), genfast.generator_loss(fake, reduction="none")
+        g_sum, g_none = (
+            genfast.generator_loss(fake, reduction="sum"),
+            genfast.generator_loss(fake, reduction="none"),
+        )
         (total + per_sample.sum() + g_sum + g_none.sum()).backward()
     assert total.item() == 0.0 and g_sum.item() == 0.0
     assert per_sample.shape == (0,) and g_none.shape == (0, 1)
@@ -117,17 +145,27 @@ def test_logits_of_plus_minus_1e4_give_finite_loss_and_gradients(backend, dtype)
         pytest.skip("the Triton interpreter does not handle bfloat16")
     logits = torch.tensor([[1e4, -1e4, 1e4, -1e4, 0.5]], dtype=dtype).repeat(3, 1)
     target = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.3]], dtype=dtype).repeat(3, 1)
-    recon, mu, logvar = logits.clone().requires_grad_(), torch.zeros(3, 2, requires_grad=True, dtype=dtype), \
-        torch.zeros(3, 2, requires_grad=True, dtype=dtype)
+    recon, mu, logvar = (
+        logits.clone().requires_grad_(),
+        torch.zeros(3, 2, requires_grad=True, dtype=dtype),
+        torch.zeros(3, 2, requires_grad=True, dtype=dtype),
+    )
     with genfast.use_backend(backend):
         loss = genfast.elbo_loss(recon, target, mu, logvar, reduction="none")
-        d_losses = [genfast.discriminator_loss(logits[:, i], logits[:, j], kind) for kind in KINDS
-                    for i, j in ((0, 1), (1, 0))]
+        d_losses = [
+            genfast.discriminator_loss(logits[:, i], logits[:, j], kind)
+            for kind in KINDS
+            for i, j in ((0, 1), (1, 0))
+        ]
         g_losses = [genfast.generator_loss(logits.flatten(), kind) for kind in KINDS]
     assert loss.isfinite().all() and d_losses and all(v.isfinite() for v in d_losses + g_losses)
     # Per sample: 1e4 (x = -1e4 against 1 and x = 1e4 against 0) x 2 + the 0.5 logit's small loss.
-    expected = reference.elbo_terms(recon.double(), target.double(), mu.double(), logvar.double(), reduction="none")
-    torch.testing.assert_close(loss.double(), expected[0], rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
+    expected = reference.elbo_terms(
+        recon.double(), target.double(), mu.double(), logvar.double(), reduction="none"
+    )
+    torch.testing.assert_close(
+        loss.double(), expected[0], rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0
+    )
     loss.sum().backward()
     assert recon.grad.isfinite().all()
     torch.testing.assert_close(recon.grad[0, :4], torch.tensor([0.0, 0.0, 1.0, -1.0], dtype=dtype))
@@ -149,7 +187,9 @@ def test_nan_in_gives_nan_out(backend):
         per_sample = genfast.elbo_loss(recon, target, mu, logvar, reduction="none")
         assert genfast.elbo_loss(recon, target, mu, logvar).isnan()
         for recon_loss in ("bce", "mse"):
-            assert genfast.elbo_loss(recon, target, mu, logvar, recon_loss=recon_loss, reduction="sum").isnan()
+            assert genfast.elbo_loss(
+                recon, target, mu, logvar, recon_loss=recon_loss, reduction="sum"
+            ).isnan()
     assert per_sample[[1, 2]].isnan().all() and per_sample[[0, 3]].isfinite().all()
     per_sample.sum().backward()
     assert recon.grad[1, 2].isnan() and mu.grad[2, 0].isnan()
@@ -199,7 +239,9 @@ def test_same_input_gives_the_same_bits(backend):
 
 def test_cpu_bits_do_not_depend_on_the_thread_count():
     require_backend("cpu", "cpu")
-    recon, target, mu, logvar = (t.requires_grad_() if i != 1 else t for i, t in enumerate(elbo_args(3000, 784, 16)))
+    recon, target, mu, logvar = (
+        t.requires_grad_() if i != 1 else t for i, t in enumerate(elbo_args(3000, 784, 16))
+    )
     logits = torch.randn(100_000, requires_grad=True)
     previous = torch.get_num_threads()
     results = []
@@ -225,8 +267,9 @@ def test_elbo_gradcheck_float64(recon_loss, reduction):
     leaves = tuple(t.requires_grad_() for t in (recon, mu, logvar))
 
     def all_outputs(x, m, v):
-        return genfast.elbo_loss(x, target, m, v, beta=0.3, recon_loss=recon_loss, reduction=reduction,
-                                 return_terms=True)
+        return genfast.elbo_loss(
+            x, target, m, v, beta=0.3, recon_loss=recon_loss, reduction=reduction, return_terms=True
+        )
 
     with genfast.use_backend("cpu"):
         assert torch.autograd.gradcheck(all_outputs, leaves)
@@ -240,46 +283,65 @@ def test_gan_gradcheck_float64(kind, reduction):
     smoothing = 0.1 if GAN_KINDS[kind].smoothable else 0.0
     with genfast.use_backend("cpu"):
         assert torch.autograd.gradcheck(
-            lambda r, f: genfast.discriminator_loss(r, f, kind, smoothing, reduction), (real, fake))
+            lambda r, f: genfast.discriminator_loss(r, f, kind, smoothing, reduction), (real, fake)
+        )
         assert torch.autograd.gradcheck(lambda f: genfast.generator_loss(f, kind, reduction), (fake,))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     require_backend(backend, "cpu")
-    recon, target, mu, logvar = (t.requires_grad_() if i != 1 else t for i, t in enumerate(elbo_args(5, 7, 3)))
+    recon, target, mu, logvar = (
+        t.requires_grad_() if i != 1 else t for i, t in enumerate(elbo_args(5, 7, 3))
+    )
     uint8_target = torch.randint(0, 256, (5, 7), dtype=torch.uint8)
     with genfast.use_backend(backend):
         for reduction in REDUCTIONS.values():
             for kind in RECON_LOSSES.values():
-                torch.library.opcheck(torch.ops.genfast.elbo_loss.default,
-                                      (recon, target, mu, logvar, 0.7, kind, reduction, 1.0, True))
-            torch.library.opcheck(torch.ops.genfast.elbo_loss.default,
-                                  (recon, uint8_target, mu, logvar, 1.0, 0, reduction, 1 / 255, True))
+                torch.library.opcheck(
+                    torch.ops.genfast.elbo_loss.default,
+                    (recon, target, mu, logvar, 0.7, kind, reduction, 1.0, True),
+                )
+            torch.library.opcheck(
+                torch.ops.genfast.elbo_loss.default,
+                (recon, uint8_target, mu, logvar, 1.0, 0, reduction, 1 / 255, True),
+            )
             first = recon.flatten()
             second = first.detach() + 1 if reduction == REDUCTIONS["none"] else mu.flatten()
             for term in TERMS.values():
-                torch.library.opcheck(torch.ops.genfast.gan_loss.default,
-                                      (first, second, term, -1.0, TERMS["square"], 0.5, reduction, True))
-            torch.library.opcheck(torch.ops.genfast.gan_loss.default,
-                                  (recon.flatten(), recon.new_empty(0), 0, 1.0, 0, 0.0, reduction, True))
+                torch.library.opcheck(
+                    torch.ops.genfast.gan_loss.default,
+                    (first, second, term, -1.0, TERMS["square"], 0.5, reduction, True),
+                )
+            torch.library.opcheck(
+                torch.ops.genfast.gan_loss.default,
+                (recon.flatten(), recon.new_empty(0), 0, 1.0, 0, 0.0, reduction, True),
+            )
             detached = [t.detach() for t in (recon, target, mu, logvar)]  # need_grad False: empty gradients
-            torch.library.opcheck(torch.ops.genfast.elbo_loss.default, (*detached, 1.0, 0, reduction, 1.0, False))
-            torch.library.opcheck(torch.ops.genfast.gan_loss.default,
-                                  (detached[0].flatten(), detached[0].new_empty(0), 0, 1.0, 0, 0.0, reduction, False))
+            torch.library.opcheck(
+                torch.ops.genfast.elbo_loss.default, (*detached, 1.0, 0, reduction, 1.0, False)
+            )
+            torch.library.opcheck(
+                torch.ops.genfast.gan_loss.default,
+                (detached[0].flatten(), detached[0].new_empty(0), 0, 1.0, 0, 0.0, reduction, False),
+            )
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_eager_path_and_custom_op_agree_bit_for_bit(backend):
     require_backend(backend, "cpu")
-    recon, target, mu, logvar = (t.requires_grad_() if i != 1 else t for i, t in enumerate(elbo_args(9, 20, 4)))
+    recon, target, mu, logvar = (
+        t.requires_grad_() if i != 1 else t for i, t in enumerate(elbo_args(9, 20, 4))
+    )
     with genfast.use_backend(backend):
         eager = genfast.elbo_loss(recon, target, mu, logvar, beta=0.7, reduction="none")
         op = torch.ops.genfast.elbo_loss(recon, target, mu, logvar, 0.7, 0, REDUCTIONS["none"], 1.0, True)[0]
         weights = torch.randn(9)
         assert torch.equal(eager, op)
-        for a, b in zip(torch.autograd.grad(eager, (recon, mu, logvar), weights),
-                        torch.autograd.grad(op, (recon, mu, logvar), weights)):
+        for a, b in zip(
+            torch.autograd.grad(eager, (recon, mu, logvar), weights),
+            torch.autograd.grad(op, (recon, mu, logvar), weights),
+        ):
             assert torch.equal(a, b)
 
 
@@ -309,6 +371,7 @@ def test_double_backward_raises_instead_of_a_wrong_answer(backend):
 
 # ---------------------------------------------------------------------------------------------------
 # torch.compile
+
 
 class TinyVAE(nn.Module):
     def __init__(self):
@@ -344,8 +407,14 @@ def test_compiled_training_steps_match_eager(backend):
     compiled_gan = torch.compile(gan_step, fullgraph=True)
     modules = [vae, generator, discriminator]
     with genfast.use_backend(backend):
-        for step, kind in ((vae_step, None), (compiled_vae, None), (gan_step, "hinge"), (compiled_gan, "hinge"),
-                           (gan_step, "nonsaturating"), (compiled_gan, "nonsaturating")):
+        for step, kind in (
+            (vae_step, None),
+            (compiled_vae, None),
+            (gan_step, "hinge"),
+            (compiled_gan, "hinge"),
+            (gan_step, "nonsaturating"),
+            (compiled_gan, "nonsaturating"),
+        ):
             for module in modules:
                 module.zero_grad()
             losses = step(vae, x, eps) if kind is None else step(generator, discriminator, z, real, kind)
@@ -372,6 +441,7 @@ def test_compiled_graph_contains_the_custom_ops():
 # ---------------------------------------------------------------------------------------------------
 # R1
 
+
 def test_r1_penalty_is_gamma_half_the_squared_input_gradient():
     """For a linear D(x) = x w + b the input gradient is w for every sample: R1 = gamma/2 ||w||^2."""
     discriminator = nn.Linear(10, 1)
@@ -392,14 +462,18 @@ def test_r1_penalty_on_images_matches_the_stylegan2_expression():
     theirs = grad.square().sum([1, 2, 3]).mean() * (2.0 / 2)
     torch.testing.assert_close(ours, theirs)
     params = list(discriminator.parameters())  # the last bias has no part in the input gradient: 0
-    for a, b in zip(torch.autograd.grad(ours, params, retain_graph=True, materialize_grads=True),
-                    torch.autograd.grad(theirs, params, materialize_grads=True)):
+    for a, b in zip(
+        torch.autograd.grad(ours, params, retain_graph=True, materialize_grads=True),
+        torch.autograd.grad(theirs, params, materialize_grads=True),
+    ):
         torch.testing.assert_close(a, b)
 
 
 def fused_discriminator():
-    return nn.Sequential(FusedLinear(10, 32, activation="leaky_relu", negative_slope=0.2),
-                         FusedLinear(32, 1, activation="none"))
+    return nn.Sequential(
+        FusedLinear(10, 32, activation="leaky_relu", negative_slope=0.2),
+        FusedLinear(32, 1, activation="none"),
+    )
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
@@ -415,7 +489,9 @@ def test_r1_penalty_through_fused_layers_equals_plain_layers(backend):
         ours_grads = torch.autograd.grad(ours, list(discriminator.parameters()), materialize_grads=True)
     theirs = genfast.r1_penalty(plain(real), real, gamma=3.0)
     torch.testing.assert_close(ours, theirs)
-    for a, b in zip(ours_grads, torch.autograd.grad(theirs, list(plain.parameters()), materialize_grads=True)):
+    for a, b in zip(
+        ours_grads, torch.autograd.grad(theirs, list(plain.parameters()), materialize_grads=True)
+    ):
         torch.testing.assert_close(a, b)
 
 
@@ -432,15 +508,21 @@ def test_r1_penalty_bad_input():
 def test_opcheck_with_non_contiguous_inputs(backend):
     """The defect: the raw ops rejected non-contiguous inputs on the cpu backend."""
     require_backend(backend, "cpu")
-    recon, target, mu, logvar = (non_contiguous(t.requires_grad_(i != 1)) for i, t in enumerate(elbo_args(5, 7, 3)))
+    recon, target, mu, logvar = (
+        non_contiguous(t.requires_grad_(i != 1)) for i, t in enumerate(elbo_args(5, 7, 3))
+    )
     assert not recon.is_contiguous()
     with genfast.use_backend(backend):
         for reduction in REDUCTIONS.values():
-            torch.library.opcheck(torch.ops.genfast.elbo_loss.default,
-                                  (recon, target, mu, logvar, 0.7, RECON_LOSSES["bce"], reduction, 1.0, True))
+            torch.library.opcheck(
+                torch.ops.genfast.elbo_loss.default,
+                (recon, target, mu, logvar, 0.7, RECON_LOSSES["bce"], reduction, 1.0, True),
+            )
             first, second = non_contiguous(recon.flatten()), non_contiguous(recon.detach().flatten() + 1)
-            torch.library.opcheck(torch.ops.genfast.gan_loss.default,
-                                  (first, second, TERMS["bce"], 1.0, TERMS["hinge"], 1.0, reduction, True))
+            torch.library.opcheck(
+                torch.ops.genfast.gan_loss.default,
+                (first, second, TERMS["bce"], 1.0, TERMS["hinge"], 1.0, reduction, True),
+            )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -22,8 +22,13 @@ from tests.conftest import require_backend
 from tests.tolerance import assert_within_rule
 
 # (device, backend): every backend of the CPU (Triton interpreted), and of the GPU where there is one.
-BACKENDS = [("cpu", "reference"), ("cpu", "cpu"), ("cpu", "triton"),
-            pytest.param("cuda", "cuda", marks=pytest.mark.gpu), pytest.param("cuda", "triton", marks=pytest.mark.gpu)]
+BACKENDS = [
+    ("cpu", "reference"),
+    ("cpu", "cpu"),
+    ("cpu", "triton"),
+    pytest.param("cuda", "cuda", marks=pytest.mark.gpu),
+    pytest.param("cuda", "triton", marks=pytest.mark.gpu),
+]
 GAN_KINDS = ["nonsaturating", "hinge", "lsgan", "wasserstein"]
 VOCAB = 29
 Values = dict[str, Tensor]
@@ -55,6 +60,7 @@ def dtype_of(model: torch.nn.Module) -> torch.dtype:
 # Steps: a model and its inputs -> named outputs with the "loss" to differentiate. Float inputs are cast
 # to the model's dtype, so the float64 twin computes in float64 throughout.
 
+
 def autoencoder_step(model: Autoencoder, x: Tensor) -> Values:
     x = x.to(dtype_of(model))
     return {"reconstruction": model(x), "loss": model.loss(x)}
@@ -64,14 +70,25 @@ def vae_step(model: VAE, x: Tensor, eps: Tensor) -> Values:
     eps = eps.to(dtype_of(model))
     logits, mu, logvar, z = model(x, eps=eps)
     loss, reconstruction, kl = model.loss(x, eps=eps, return_terms=True)
-    return {"logits": logits, "mu": mu, "logvar": logvar, "z": z, "loss": loss, "reconstruction term": reconstruction,
-            "kl term": kl}
+    return {
+        "logits": logits,
+        "mu": mu,
+        "logvar": logvar,
+        "z": z,
+        "loss": loss,
+        "reconstruction term": reconstruction,
+        "kl term": kl,
+    }
 
 
 def gan_discriminator_step(model: GAN, real: Tensor, noise: Tensor) -> Values:
     real, noise = real.to(dtype_of(model)), noise.to(dtype_of(model))
     fake = model(noise)
-    return {"fake": fake, "real logits": model.discriminate(real), "loss": model.discriminator_loss(real, fake)}
+    return {
+        "fake": fake,
+        "real logits": model.discriminate(real),
+        "loss": model.discriminator_loss(real, fake),
+    }
 
 
 def gan_generator_step(model: GAN, noise: Tensor) -> Values:
@@ -83,7 +100,9 @@ def lm_step(model: LanguageModel, tokens: Tensor, targets: Tensor) -> Values:
     return {"logits": model(tokens), "loss": model.loss(tokens, targets)}
 
 
-def inputs_of(name: str, model: torch.nn.Module, batch: int) -> tuple[Callable[..., Values], tuple[Tensor, ...]]:
+def inputs_of(
+    name: str, model: torch.nn.Module, batch: int
+) -> tuple[Callable[..., Values], tuple[Tensor, ...]]:
     """The step of model `name` and fresh random inputs for it (the GAN: the generator's step)."""
     if name == "autoencoder":
         return autoencoder_step, (torch.rand(batch, model.sizes[0]),)
@@ -105,7 +124,9 @@ def run_step(model: torch.nn.Module, step: Callable[..., Values], *inputs: Tenso
     return values
 
 
-def assert_like_twin(ours: Values, model: torch.nn.Module, step: Callable[..., Values], *inputs: Tensor) -> Values:
+def assert_like_twin(
+    ours: Values, model: torch.nn.Module, step: Callable[..., Values], *inputs: Tensor
+) -> Values:
     """`ours` (the genfast model's values) within the rule of the plain twin's in its dtype (eager) and in
     float64 (reference), every output, loss and gradient; returns the reference's values."""
     eager = run_step(model.plain(), step, *inputs)
@@ -126,6 +147,7 @@ def parameters_of(model: torch.nn.Module, prefix: str = "") -> set[str]:
 
 # ---------------------------------------------------------------------------------------------------
 # Forward and backward against the plain twin
+
 
 @pytest.mark.parametrize("device, backend", BACKENDS)
 @pytest.mark.parametrize("name", ["autoencoder", "vae", "gan", "lm"])
@@ -162,8 +184,15 @@ def test_vae_in_kernel_sampling_matches_the_twin_given_the_noise_it_drew(device,
         logits, mu, logvar, z = model(x)
         torch.manual_seed(seed)
         loss, reconstruction, kl = model.loss(x, return_terms=True)
-        return {"logits": logits, "mu": mu, "logvar": logvar, "z": z, "loss": loss,
-                "reconstruction term": reconstruction, "kl term": kl}
+        return {
+            "logits": logits,
+            "mu": mu,
+            "logvar": logvar,
+            "z": z,
+            "loss": loss,
+            "reconstruction term": reconstruction,
+            "kl term": kl,
+        }
 
     with genfast.use_backend(backend):
         ours = run_step(model, sampling_step, x)
@@ -181,7 +210,10 @@ def test_gan_losses_and_gradients_match_the_twin(kind, device, backend):
     generator's (gradients through the discriminator into both)."""
     require_backend(backend, device)
     model = small("gan", kind=kind).to(device)
-    real, noise = torch.rand(11, 48, device=device) * 2 - 1, torch.randn(11, model.noise_features, device=device)
+    real, noise = (
+        torch.rand(11, 48, device=device) * 2 - 1,
+        torch.randn(11, model.noise_features, device=device),
+    )
     with genfast.use_backend(backend):
         ours = run_step(model, gan_discriminator_step, real, noise)
     exact = assert_like_twin(ours, model, gan_discriminator_step, real, noise)
@@ -199,6 +231,7 @@ def test_classic_gan_discriminator_step_matches_the_twin():
 
 # ---------------------------------------------------------------------------------------------------
 # Conversion and checkpoints
+
 
 @pytest.mark.parametrize("name", ["autoencoder", "vae", "gan", "lm"])
 def test_plain_and_fused_copy_round_trip(name):
@@ -249,6 +282,7 @@ def test_state_dict_saved_to_a_file_loads_into_the_plain_twin_and_back(name, tmp
 # ---------------------------------------------------------------------------------------------------
 # Modes, sampling helpers, argument checks
 
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_vae_eval_mode_uses_mu_and_training_mode_samples(fused):
     model = small("vae", fused=fused)
@@ -277,8 +311,11 @@ def test_vae_sample_and_reconstruct():
     assert reconstruction.shape == (4, 48) and 0 <= reconstruction.min() and reconstruction.max() <= 1
     assert torch.equal(reconstruction, model.reconstruct(x)), "the posterior mean: no noise"
     pixels, eps = torch.randint(0, 256, (4, 48), dtype=torch.uint8), torch.randn(4, model.latent)
-    torch.testing.assert_close(model.loss(pixels, eps=eps), model.loss(pixels / 255, eps=eps),
-                               msg="uint8 pixels read as 0..1, as inputs and as targets")
+    torch.testing.assert_close(
+        model.loss(pixels, eps=eps),
+        model.loss(pixels / 255, eps=eps),
+        msg="uint8 pixels read as 0..1, as inputs and as targets",
+    )
     torch.testing.assert_close(model.reconstruct(pixels), model.reconstruct(pixels / 255))
 
 
@@ -306,23 +343,26 @@ def test_language_model_generate():
         model.generate([1], 3, temperature=0)
 
 
-@pytest.mark.parametrize("build, match", [
-    (lambda: Autoencoder((784,)), "sizes"),
-    (lambda: Autoencoder((784, 0)), "sizes"),
-    (lambda: VAE(latent=0), "latent"),
-    (lambda: VAE(in_features=-1), "in_features"),
-    (lambda: VAE(hidden=(400, 0)), "hidden"),
-    (lambda: VAE(beta=-1.0), "beta"),
-    (lambda: VAE(beta=float("nan")), "beta"),
-    (lambda: GAN(kind="vanilla"), "kind"),
-    (lambda: GAN((100, 784), (512, 1)), "generator's output"),
-    (lambda: GAN((100, 784), (784, 128)), "1 logit"),
-    (lambda: GAN((784,), (784, 1)), "generator_sizes"),
-    (lambda: LanguageModel(1), "vocab_size"),
-    (lambda: LanguageModel(10, context=0), "context"),
-    (lambda: LanguageModel(10, embedding=0), "embedding"),
-    (lambda: LanguageModel(10, hidden=(64, -1)), "hidden"),
-])
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: Autoencoder((784,)), "sizes"),
+        (lambda: Autoencoder((784, 0)), "sizes"),
+        (lambda: VAE(latent=0), "latent"),
+        (lambda: VAE(in_features=-1), "in_features"),
+        (lambda: VAE(hidden=(400, 0)), "hidden"),
+        (lambda: VAE(beta=-1.0), "beta"),
+        (lambda: VAE(beta=float("nan")), "beta"),
+        (lambda: GAN(kind="vanilla"), "kind"),
+        (lambda: GAN((100, 784), (512, 1)), "generator's output"),
+        (lambda: GAN((100, 784), (784, 128)), "1 logit"),
+        (lambda: GAN((784,), (784, 1)), "generator_sizes"),
+        (lambda: LanguageModel(1), "vocab_size"),
+        (lambda: LanguageModel(10, context=0), "context"),
+        (lambda: LanguageModel(10, embedding=0), "embedding"),
+        (lambda: LanguageModel(10, hidden=(64, -1)), "hidden"),
+    ],
+)
 def test_bad_constructor_arguments_raise_value_error(build, match):
     with pytest.raises(ValueError, match=match):
         build()

@@ -47,8 +47,9 @@ def test_state_dict_round_trips_both_ways():
 
 
 def test_repr_names_the_activation():
-    assert "activation='leaky_relu', negative_slope=0.2" in repr(FusedLinear(2, 3, activation="leaky_relu",
-                                                                             negative_slope=0.2))
+    assert "activation='leaky_relu', negative_slope=0.2" in repr(
+        FusedLinear(2, 3, activation="leaky_relu", negative_slope=0.2)
+    )
 
 
 def test_convert_and_revert_the_mnist_autoencoder_keep_outputs_and_keys():
@@ -70,8 +71,18 @@ def test_convert_and_revert_the_mnist_autoencoder_keep_outputs_and_keys():
     torch.testing.assert_close(model(x), expected)
 
 
-@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.3), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(),
-                                 nn.Sigmoid(), nn.Tanh()])
+@pytest.mark.parametrize(
+    "act",
+    [
+        nn.ReLU(),
+        nn.LeakyReLU(0.3),
+        nn.GELU(),
+        nn.GELU(approximate="tanh"),
+        nn.SiLU(),
+        nn.Sigmoid(),
+        nn.Tanh(),
+    ],
+)
 def test_convert_each_activation_module(act):
     model = nn.Sequential(nn.Linear(7, 5), act, nn.Linear(5, 3))
     x = torch.randn(4, 7)
@@ -139,7 +150,9 @@ def test_convert_leaves_layers_with_hooks_unfused_and_says_so(hooked):
     """The defect: convert() silently dropped the forward hooks of the nn.Linear it replaced."""
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), nn.Tanh())
     seen = []
-    model[0 if hooked == "linear" else 1].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    model[0 if hooked == "linear" else 1].register_forward_hook(
+        lambda m, i, o: seen.append(o.detach().clone())
+    )
     x = torch.randn(5, 4)
     expected = model(x)
     with pytest.warns(UserWarning, match="left '0' and its activation unfused: they carry hooks"):

@@ -22,12 +22,16 @@ from tests.tolerance import assert_within_rule
 
 BACKENDS = ["reference", "cpu", "triton"]
 # Under the Triton interpreter (numpy, one program at a time) only float32/float64 and small shapes.
-SHAPES = {"reference": [(1, 1), (7, 100), (100, 784), (1003, 7), (3, 5, 7)],
-          "cpu": [(1, 1), (7, 100), (100, 784), (1003, 7), (3, 5, 7), (1, 100003)],
-          "triton": [(1, 1), (7, 100), (33, 7), (3, 5, 7)]}
-DTYPES = {"reference": [torch.float32, torch.float64, torch.bfloat16, torch.float16],
-          "cpu": [torch.float32, torch.float64, torch.bfloat16, torch.float16],
-          "triton": [torch.float32, torch.float64]}
+SHAPES = {
+    "reference": [(1, 1), (7, 100), (100, 784), (1003, 7), (3, 5, 7)],
+    "cpu": [(1, 1), (7, 100), (100, 784), (1003, 7), (3, 5, 7), (1, 100003)],
+    "triton": [(1, 1), (7, 100), (33, 7), (3, 5, 7)],
+}
+DTYPES = {
+    "reference": [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+    "cpu": [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+    "triton": [torch.float32, torch.float64],
+}
 CASES = [(b, s, d) for b in BACKENDS for s in SHAPES[b] for d in DTYPES[b]]
 
 
@@ -156,15 +160,21 @@ def assert_standard_normal(backend: str, x: torch.Tensor, following: torch.Tenso
     mean = x.mean()
     centred = x - mean
     var = centred.square().mean()
-    skew = (centred ** 3).mean() / var ** 1.5
-    kurtosis = (centred ** 4).mean() / var ** 2 - 3
-    for name, value, standard_error in (("mean", mean, 1 / n), ("variance", var - 1, 2 / n),
-                                        ("skewness", skew, 6 / n), ("excess kurtosis", kurtosis, 24 / n)):
+    skew = (centred**3).mean() / var**1.5
+    kurtosis = (centred**4).mean() / var**2 - 3
+    for name, value, standard_error in (
+        ("mean", mean, 1 / n),
+        ("variance", var - 1, 2 / n),
+        ("skewness", skew, 6 / n),
+        ("excess kurtosis", kurtosis, 24 / n),
+    ):
         bound = SIGMAS * math.sqrt(standard_error)
         assert abs(float(value)) < bound, f"{backend}: {name} off by {float(value):.3g} (bound {bound:.3g})"
     ranks = torch.arange(1, n + 1, dtype=torch.float64, device=x.device) / n
     ks = float((ranks - torch.special.ndtr(x.sort().values)).abs().max())
-    assert math.sqrt(n) * ks < KS_CRITICAL, f"{backend}: KS statistic {math.sqrt(n) * ks:.3f} >= {KS_CRITICAL:.3f}"
+    assert math.sqrt(n) * ks < KS_CRITICAL, (
+        f"{backend}: KS statistic {math.sqrt(n) * ks:.3f} >= {KS_CRITICAL:.3f}"
+    )
     bound = SIGMAS / math.sqrt(n)
     for lag in (1, 2, 3, 4, 5, 64):  # within a Philox group (1..3), across groups (4, 5), across rows (64)
         corr = float((centred[:-lag] * centred[lag:]).mean() / var)
@@ -177,7 +187,9 @@ def assert_standard_normal(backend: str, x: torch.Tensor, following: torch.Tenso
 def test_noise_is_standard_normal(backend):
     require_backend(backend, "cpu")
     mu, logvar = (t.detach() for t in leaves((N_SAMPLES // 64, 64), torch.float32))
-    assert_standard_normal(backend, recovered_noise(backend, mu, logvar), recovered_noise(backend, mu, logvar))
+    assert_standard_normal(
+        backend, recovered_noise(backend, mu, logvar), recovered_noise(backend, mu, logvar)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,8 +234,12 @@ def test_cpu_result_does_not_depend_on_the_thread_count():
         " generator=torch.Generator().manual_seed(6))\n"
         "print(hashlib.sha256(torch.cat([z.flatten(), kl, big]).numpy().tobytes()).hexdigest())\n"
     )
-    outputs = {subprocess.run([sys.executable, "-c", script, str(threads)], capture_output=True, text=True,
-                              check=True).stdout for threads in (1, 2, 3)}
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(threads)], capture_output=True, text=True, check=True
+        ).stdout
+        for threads in (1, 2, 3)
+    }
     assert len(outputs) == 1, outputs
 
 
@@ -245,11 +261,17 @@ def test_kl_divergence_and_gradients(backend, shape, dtype, reduction):
     label = f"{backend} {shape} {dtype} {reduction}"
     assert kl.dtype == dtype and kl.shape == exact.shape
     assert_within_rule(f"{label} kl", kl, eager, exact)
-    grad = torch.randn(exact.shape, dtype=torch.float64).to(dtype).double()  # the same grad_output for all three
+    grad = (
+        torch.randn(exact.shape, dtype=torch.float64).to(dtype).double()
+    )  # the same grad_output for all three
     with genfast.use_backend(backend):
         ours = torch.autograd.grad(kl, (mu, logvar), grad.to(dtype))
-    for name, g, e, x in zip(("grad_mu", "grad_logvar"), ours, torch.autograd.grad(eager, eager_in, grad.to(dtype)),
-                             torch.autograd.grad(exact, (m64, lv64), grad)):
+    for name, g, e, x in zip(
+        ("grad_mu", "grad_logvar"),
+        ours,
+        torch.autograd.grad(eager, eager_in, grad.to(dtype)),
+        torch.autograd.grad(exact, (m64, lv64), grad),
+    ):
         assert_within_rule(f"{label} {name}", g, e, x)
 
 
@@ -304,11 +326,16 @@ def test_opcheck(backend):
     rng_state = new_rng_state(mu.device)
     ops = torch.ops.genfast
     with genfast.use_backend(backend):
-        for op, args in ((ops.reparameterize.default, (mu, logvar)), (ops.reparameterize_kl.default, (mu, logvar)),
-                         (ops.kl_rows.default, (mu, logvar)),
-                         (ops.reparameterize_backward.default, (torch.randn(7, 20), logvar.detach(), rng_state)),
-                         (ops.kl_rows_backward.default,
-                          (torch.randn(7, dtype=torch.float64), mu.detach(), logvar.detach()))):
+        for op, args in (
+            (ops.reparameterize.default, (mu, logvar)),
+            (ops.reparameterize_kl.default, (mu, logvar)),
+            (ops.kl_rows.default, (mu, logvar)),
+            (ops.reparameterize_backward.default, (torch.randn(7, 20), logvar.detach(), rng_state)),
+            (
+                ops.kl_rows_backward.default,
+                (torch.randn(7, dtype=torch.float64), mu.detach(), logvar.detach()),
+            ),
+        ):
             torch.library.opcheck(op, args)
     assert torch.Tag.nondeterministic_seeded in ops.reparameterize.default.tags
     assert torch.Tag.nondeterministic_seeded in ops.reparameterize_kl.default.tags
@@ -365,8 +392,10 @@ def test_forward_saves_no_noise(backend):
     require_backend(backend, "cpu")
     mu, logvar = leaves((64, 32), torch.float32)
     saved = []
-    with genfast.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
-                                                                                lambda t: t):
+    with (
+        genfast.use_backend(backend),
+        torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t),
+    ):
         genfast.reparameterize(mu, logvar)
     assert len(saved) == 2
     assert saved[0] is logvar or saved[0].data_ptr() == logvar.data_ptr()
@@ -496,10 +525,17 @@ def test_opcheck_with_non_contiguous_inputs(backend):
     rng_state = new_rng_state(mu.device)
     ops = torch.ops.genfast
     with genfast.use_backend(backend):
-        for op, args in ((ops.reparameterize.default, (mu, logvar)), (ops.reparameterize_kl.default, (mu, logvar)),
-                         (ops.kl_rows.default, (mu, logvar)),
-                         (ops.reparameterize_backward.default,
-                          (non_contiguous(torch.randn(7, 20)), logvar.detach(), rng_state)),
-                         (ops.kl_rows_backward.default,
-                          (non_contiguous(torch.randn(7, dtype=torch.float64)), mu.detach(), logvar.detach()))):
+        for op, args in (
+            (ops.reparameterize.default, (mu, logvar)),
+            (ops.reparameterize_kl.default, (mu, logvar)),
+            (ops.kl_rows.default, (mu, logvar)),
+            (
+                ops.reparameterize_backward.default,
+                (non_contiguous(torch.randn(7, 20)), logvar.detach(), rng_state),
+            ),
+            (
+                ops.kl_rows_backward.default,
+                (non_contiguous(torch.randn(7, dtype=torch.float64)), mu.detach(), logvar.detach()),
+            ),
+        ):
             torch.library.opcheck(op, args)

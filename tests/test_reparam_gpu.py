@@ -24,8 +24,20 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [1, 7, 100, 784, 1003, 4097, (1 << 20) + 3]
 # (rows, cols) for the per-row KL: cols 1 and 2 (many rows per warp), rows cut mid-group (cols % 4 != 0),
 # cols around the 4096-element chunk, rows of many chunks (the second reduction kernel).
-KL_SHAPES = [(1, 1), (7, 1), (1000, 2), (1, 7), (100, 7), (784, 100), (1003, 784), (3, 4095), (3, 4097),
-             (5, 12345), (2, 100003), (1, (1 << 22) + 5)]
+KL_SHAPES = [
+    (1, 1),
+    (7, 1),
+    (1000, 2),
+    (1, 7),
+    (100, 7),
+    (784, 100),
+    (1003, 784),
+    (3, 4095),
+    (3, 4097),
+    (5, 12345),
+    (2, 100003),
+    (1, (1 << 22) + 5),
+]
 
 
 @pytest.fixture
@@ -85,8 +97,12 @@ def check_kl_gradients(name, grad_mu, grad_logvar, grad_kl, mu, logvar):
     g = grad_kl.reshape(*mu.shape[:-1], 1)
     for label, ours, eager, reference in (
         ("grad_mu", grad_mu, g.to(mu.dtype) * mu, g.double() * mu.double()),
-        ("grad_logvar", grad_logvar, 0.5 * g.to(mu.dtype) * (torch.exp(logvar) - 1),
-         0.5 * g.double() * torch.expm1(logvar.double())),
+        (
+            "grad_logvar",
+            grad_logvar,
+            0.5 * g.to(mu.dtype) * (torch.exp(logvar) - 1),
+            0.5 * g.double() * torch.expm1(logvar.double()),
+        ),
     ):
         assert_within_rule(f"{name} {label}", ours, eager, reference)
 
@@ -123,8 +139,13 @@ def test_misaligned_storage_and_nd_shapes(kernels, offset, dtype):
     eps = recorded_eps(rng_state, mu.shape)
     check_sample(f"offset {offset} {dtype}", z, mu, logvar, eps)
     grad_z = torch.randn(1 + mu.numel(), device="cuda", dtype=dtype)[1:].view(mu.shape)
-    check_sample_gradient(f"offset {offset} {dtype}", kernels.reparam_backward_cuda(grad_z, logvar, rng_state),
-                          grad_z, logvar, eps)
+    check_sample_gradient(
+        f"offset {offset} {dtype}",
+        kernels.reparam_backward_cuda(grad_z, logvar, rng_state),
+        grad_z,
+        logvar,
+        eps,
+    )
     torch.manual_seed(21)
     z, rng_state = kernels.reparam_forward_cuda(mu, logvar, None)
     torch.manual_seed(21)
@@ -134,7 +155,9 @@ def test_misaligned_storage_and_nd_shapes(kernels, offset, dtype):
     aligned = (mu.clone(), logvar.clone())
     assert torch.equal(kernels.kl_forward_cuda(mu, logvar), kernels.kl_forward_cuda(*aligned))
     grad_kl = torch.randn(21, device="cuda", dtype=torch.float64)
-    for ours, want in zip(kernels.kl_backward_cuda(grad_kl, mu, logvar), kernels.kl_backward_cuda(grad_kl, *aligned)):
+    for ours, want in zip(
+        kernels.kl_backward_cuda(grad_kl, mu, logvar), kernels.kl_backward_cuda(grad_kl, *aligned)
+    ):
         assert torch.equal(ours, want)
     torch.manual_seed(22)
     fused = kernels.reparam_kl_forward_cuda(mu, logvar, None)
@@ -238,9 +261,13 @@ def test_logvar_plus_minus_80(kernels, dtype):
     grad_logvar = kernels.reparam_backward_cuda(grad_z, logvar, rng_state)
     if dtype != torch.float16:
         check_sample_gradient("logvar +-80", grad_logvar, grad_z, logvar, eps)
-    grad_mu, grad_logvar = kernels.kl_backward_cuda(torch.ones(64, device="cuda", dtype=torch.float64), mu, logvar)
+    grad_mu, grad_logvar = kernels.kl_backward_cuda(
+        torch.ones(64, device="cuda", dtype=torch.float64), mu, logvar
+    )
     assert bool(torch.isfinite(grad_mu).all())
-    assert bool(torch.isfinite(grad_logvar).all()) == (dtype != torch.float16), "0.5 (e^80 - 1) overflows fp16 only"
+    assert bool(torch.isfinite(grad_logvar).all()) == (dtype != torch.float16), (
+        "0.5 (e^80 - 1) overflows fp16 only"
+    )
 
 
 @pytest.mark.parametrize("shape", [(0,), (0, 5), (5, 0), (2, 0, 3)])
@@ -252,8 +279,12 @@ def test_empty_tensors(kernels, shape):
     assert z.shape == shape and rng_state.shape == (2,)
     assert kernels.reparam_backward_cuda(z, logvar, rng_state).shape == shape
     rows = math.prod(shape[:-1])
-    assert torch.equal(kernels.kl_forward_cuda(mu, logvar), torch.zeros(rows, device="cuda", dtype=torch.float64))
-    grad_mu, grad_logvar = kernels.kl_backward_cuda(torch.ones(rows, device="cuda", dtype=torch.float64), mu, logvar)
+    assert torch.equal(
+        kernels.kl_forward_cuda(mu, logvar), torch.zeros(rows, device="cuda", dtype=torch.float64)
+    )
+    grad_mu, grad_logvar = kernels.kl_backward_cuda(
+        torch.ones(rows, device="cuda", dtype=torch.float64), mu, logvar
+    )
     assert grad_mu.shape == shape and grad_logvar.shape == shape
     z, _, kl = kernels.reparam_kl_forward_cuda(mu, logvar, None)
     assert z.shape == shape and torch.equal(kl, torch.zeros(rows, device="cuda", dtype=torch.float64))
@@ -269,10 +300,18 @@ def test_bad_arguments_are_refused(kernels):
         (lambda: kernels.reparam_forward_cuda(mu.t(), logvar.t(), None), "contiguous"),
         (lambda: kernels.reparam_forward_cuda(mu.int(), logvar.int(), None), "float"),
         (lambda: kernels.reparam_forward_cuda(mu, logvar, torch.Generator()), "cuda"),
-        (lambda: kernels.reparam_backward_cuda(mu, logvar, torch.zeros(3, dtype=torch.int64, device="cuda")), "shape"),
+        (
+            lambda: kernels.reparam_backward_cuda(
+                mu, logvar, torch.zeros(3, dtype=torch.int64, device="cuda")
+            ),
+            "shape",
+        ),
         (lambda: kernels.reparam_backward_cuda(mu, logvar, torch.zeros(2, device="cuda")), "int64"),
         (lambda: kernels.kl_forward_cuda(mu[0, 0], logvar[0, 0]), "dimension"),
-        (lambda: kernels.kl_backward_cuda(torch.ones(9, device="cuda", dtype=torch.float64), mu, logvar), "shape"),
+        (
+            lambda: kernels.kl_backward_cuda(torch.ones(9, device="cuda", dtype=torch.float64), mu, logvar),
+            "shape",
+        ),
         (lambda: kernels.kl_backward_cuda(torch.ones(10, device="cuda").half(), mu, logvar), "Double"),
     ]
     for call, words in cases:
@@ -355,7 +394,7 @@ def test_indices_past_2_31(kernels):
     for start in (0, (1 << 31) - 4096, n - 4096):
         window = slice(start, start + 4096)
         assert torch.equal(z[window], mu[window] + grad_logvar[window])
-    assert not torch.equal(grad_logvar[(1 << 31):(1 << 31) + 4096], grad_logvar[:4096])
+    assert not torch.equal(grad_logvar[(1 << 31) : (1 << 31) + 4096], grad_logvar[:4096])
 
 
 def test_kl_rows_past_2_31(kernels):
@@ -405,8 +444,9 @@ def test_public_reparameterize_is_the_kernel_with_its_gradients(kernels, shape, 
     grad_z = torch.randn_like(z)
     grad_mu, grad_logvar = torch.autograd.grad(z, (mu, logvar), grad_z)
     assert torch.equal(grad_mu, grad_z), "grad_mu is grad_z"
-    check_sample_gradient(f"public {shape} {dtype}", grad_logvar, grad_z, logvar.detach(),
-                          recorded_eps(rng_state, shape))
+    check_sample_gradient(
+        f"public {shape} {dtype}", grad_logvar, grad_z, logvar.detach(), recorded_eps(rng_state, shape)
+    )
 
 
 def test_public_reparameterize_of_non_contiguous_inputs(kernels):
@@ -439,7 +479,9 @@ def test_public_kl_divergence_and_reparameterize_kl(kernels, reduction, dtype):
     grad_kl = torch.randn_like(kl)
     grad_mu, grad_logvar = torch.autograd.grad(kl, (mu, logvar), grad_kl)
     per_row = grad_kl.float() * torch.ones(shape[0], device="cuda") / (shape[0] if reduction == "mean" else 1)
-    check_kl_gradients(f"public {reduction} {dtype}", grad_mu, grad_logvar, per_row, mu.detach(), logvar.detach())
+    check_kl_gradients(
+        f"public {reduction} {dtype}", grad_mu, grad_logvar, per_row, mu.detach(), logvar.detach()
+    )
 
 
 def test_public_forward_saves_no_noise(kernels):
@@ -483,11 +525,15 @@ def test_public_compiled_step_matches_eager(kernels):
     (z, kl, *eager_grads), (compiled_z, compiled_kl, *compiled_grads) = results
     assert torch.equal(compiled_z, z) and torch.equal(compiled_kl, kl)
     torch.manual_seed(41)
-    eps = kernel_eps(kernels, kernels.reparam_forward_cuda(mu.detach(), logvar.detach(), None)[1], mu.shape).double()
+    eps = kernel_eps(
+        kernels, kernels.reparam_forward_cuda(mu.detach(), logvar.detach(), None)[1], mu.shape
+    ).double()
     m, lv, g = mu.detach().double(), logvar.detach().double(), grad_kl.double()[:, None]
     std = torch.exp(0.5 * lv)
     references = (grad_z.double() + g * m, 0.5 * grad_z.double() * eps * std + 0.5 * g * torch.expm1(lv))
-    for label, eager, compiled, reference in zip(("grad_mu", "grad_logvar"), eager_grads, compiled_grads, references):
+    for label, eager, compiled, reference in zip(
+        ("grad_mu", "grad_logvar"), eager_grads, compiled_grads, references
+    ):
         assert_within_rule(f"compiled {label}", compiled, eager, reference)
 
 

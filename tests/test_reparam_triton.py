@@ -32,6 +32,7 @@ if importlib.util.find_spec("triton") is not None:
         for k in tl.static_range(4):
             tl.store(out_ptr + 4 * i + k, bits[k].to(tl.int64))
 
+
 DTYPES = [torch.float32, torch.float64]  # the interpreter runs neither float16 nor bfloat16
 # Rows of 1, 7, 100 and 784 columns (cut mid Philox group, several KL steps), 3-D, numel % 4 != 0.
 SHAPES = [(5, 1), (1, 7), (3, 7), (16, 100), (4, 784), (2, 3, 7), (3, 1031)]
@@ -63,7 +64,7 @@ def test_philox_bits_are_the_references(triton_reparam):
     """tl.philox's key split and counter words against the reference (which passes Random123's
     known answers), with seed, offset and group all past 32 bits."""
     groups = torch.tensor([0, 1, 5, 2**32 - 1, 2**32, 2**32 + 7, 2**40 + 3, 2**62 + 11])
-    for seed, offset in [(0, 0), (-1, 0), (2**63 - 1, 5), (-2**63, 2**32 + 9), (123456789, -7)]:
+    for seed, offset in [(0, 0), (-1, 0), (2**63 - 1, 5), (-(2**63), 2**32 + 9), (123456789, -7)]:
         out = torch.empty(4 * len(groups), dtype=torch.int64)
         _bits_kernel[(1,)](torch.tensor([seed, offset]), groups, out, N=len(groups))
         want = reference.philox_bits(seed & (2**64 - 1), offset & (2**64 - 1), groups)
@@ -91,9 +92,12 @@ def test_contract_functions_match_the_reference(triton_reparam, shape, dtype):
     assert_within_rule("z", z, mu + torch.exp(0.5 * logvar) * eps, want_z)
 
     grad_z = torch.randn_like(mu)
-    assert_within_rule("grad_logvar", triton_reparam.reparam_backward(grad_z, logvar, rng_state),
-                       0.5 * grad_z * eps * torch.exp(0.5 * logvar),
-                       reference.reparam_backward(grad_z.double(), logvar64, rng_state))
+    assert_within_rule(
+        "grad_logvar",
+        triton_reparam.reparam_backward(grad_z, logvar, rng_state),
+        0.5 * grad_z * eps * torch.exp(0.5 * logvar),
+        reference.reparam_backward(grad_z.double(), logvar64, rng_state),
+    )
 
     kl = triton_reparam.kl_forward(mu, logvar)
     assert kl.dtype == KL_ROWS_DTYPE
@@ -121,7 +125,9 @@ def test_results_do_not_depend_on_the_block_size(triton_reparam, shape, dtype):
     kl_grads = triton_reparam.kl_backward(grad_kl, mu, logvar)
     for block in (16, 64):
         assert torch.equal(triton_reparam.reparam_forward(mu, logvar, seeded(3), block=block)[0], z), block
-        assert torch.equal(triton_reparam.reparam_backward(grad_z, logvar, rng_state, block=block), grad_logvar)
+        assert torch.equal(
+            triton_reparam.reparam_backward(grad_z, logvar, rng_state, block=block), grad_logvar
+        )
     for block in (1, 2, 16):
         assert torch.equal(triton_reparam.kl_forward(mu, logvar, block=block), kl), block
         fused_z, _, fused_kl = triton_reparam.reparam_kl_forward(mu, logvar, seeded(3), block=block)

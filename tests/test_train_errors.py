@@ -62,6 +62,7 @@ def run_folder(good_run: Path, tmp_path: Path) -> Path:
 
 # --- checkpoints that cannot be used (item 11) ---
 
+
 def flip_a_weight_bit(path: Path) -> None:
     """Flip one exponent bit of a weight in the file, where its bytes lie (the archive stores them raw)."""
     weight = torch.load(path, weights_only=True)["model"]["encoder.0.weight"]
@@ -80,10 +81,15 @@ def drop_the_optimizer_state(path: Path) -> None:
 
 
 CORRUPTIONS = {
-    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "not a readable checkpoint"),
+    "truncated": (
+        lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+        "not a readable checkpoint",
+    ),
     "empty": (lambda p: p.write_bytes(b""), "the file is empty"),
-    "random bytes": (lambda p: p.write_bytes(np.random.default_rng(0).bytes(p.stat().st_size)),
-                     "not a readable checkpoint"),
+    "random bytes": (
+        lambda p: p.write_bytes(np.random.default_rng(0).bytes(p.stat().st_size)),
+        "not a readable checkpoint",
+    ),
     "{}": (lambda p: torch.save({}, p), "expected a checkpoint of genfast train"),
     "a flipped bit": (flip_a_weight_bit, "checksum mismatch"),
     "no optimizer state": (drop_the_optimizer_state, "optimizers should be a list of optimizer states"),
@@ -102,11 +108,24 @@ def test_a_corrupt_checkpoint_is_a_clear_error(corruption, run_folder, capsys):
 
 
 def test_a_checkpoint_of_other_sizes_names_the_tensors(tmp_path, capsys):
-    train("vae", subset=64, batch_size=32, epochs=1, out=tmp_path, progress=False, evaluate=False,
-          model_options={"hidden": (32,)})
+    train(
+        "vae",
+        subset=64,
+        batch_size=32,
+        epochs=1,
+        out=tmp_path,
+        progress=False,
+        evaluate=False,
+        model_options={"hidden": (32,)},
+    )
     code, err = run_cli(capsys, "vae", "--epochs", "2", *SMALL, "--out", str(tmp_path), "--resume")
-    assert_user_error(code, err, str(tmp_path / "checkpoint.pt"), "do not fit",
-                      "encoder.0.weight is (32, 64) in the checkpoint, (128, 64) in the model")
+    assert_user_error(
+        code,
+        err,
+        str(tmp_path / "checkpoint.pt"),
+        "do not fit",
+        "encoder.0.weight is (32, 64) in the checkpoint, (128, 64) in the model",
+    )
 
 
 def test_the_checkpoint_carries_the_checksum_of_its_contents(good_run):
@@ -120,6 +139,7 @@ def test_the_checkpoint_carries_the_checksum_of_its_contents(good_run):
 
 
 # --- output folders (item 14) ---
+
 
 def unwritable_folder(tmp_path: Path) -> Path:
     """A folder this process cannot write into: chmod'ed for a normal user; for root, which chmod does not
@@ -136,17 +156,23 @@ def unwritable_folder(tmp_path: Path) -> Path:
     pytest.skip("no folder this root process cannot write into (no sysfs)")
 
 
-@pytest.mark.parametrize("where, message", [
-    ("a file", "expected a folder, found a file"),
-    ("under a file", "cannot create it"),
-    ("unwritable", "cannot write there"),
-    ("uncreatable", "cannot write there"),
-])
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("a file", "expected a folder, found a file"),
+        ("under a file", "cannot create it"),
+        ("unwritable", "cannot write there"),
+        ("uncreatable", "cannot write there"),
+    ],
+)
 def test_a_bad_output_folder_is_a_clear_error(where, message, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a folder")
-    out = {"a file": lambda: tmp_path / "notes.txt", "under a file": lambda: tmp_path / "notes.txt" / "run",
-           "unwritable": lambda: unwritable_folder(tmp_path),
-           "uncreatable": lambda: unwritable_folder(tmp_path) / "run"}[where]()
+    out = {
+        "a file": lambda: tmp_path / "notes.txt",
+        "under a file": lambda: tmp_path / "notes.txt" / "run",
+        "unwritable": lambda: unwritable_folder(tmp_path),
+        "uncreatable": lambda: unwritable_folder(tmp_path) / "run",
+    }[where]()
     code, err = run_cli(capsys, "vae", "--epochs", "1", *SMALL, "--out", str(out))
     assert_user_error(code, err, str(out), message)
 
@@ -165,10 +191,31 @@ sys.exit(main(["train", *sys.argv[1:]]))
 def test_a_full_disk_keeps_the_last_checkpoint(run_folder):
     path = run_folder / "checkpoint.pt"
     before = path.read_bytes()
-    done = subprocess.run([sys.executable, "-c", DISK_FULL, "vae", "--epochs", "2", *SMALL, "--out", str(run_folder),
-                           "--resume"], cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=120)
-    assert_user_error(done.returncode, done.stderr, f"{path}: cannot write the checkpoint (File too large)",
-                      "left as it was")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            DISK_FULL,
+            "vae",
+            "--epochs",
+            "2",
+            *SMALL,
+            "--out",
+            str(run_folder),
+            "--resume",
+        ],
+        cwd=ROOT,
+        env=CHILD_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_user_error(
+        done.returncode,
+        done.stderr,
+        f"{path}: cannot write the checkpoint (File too large)",
+        "left as it was",
+    )
     assert path.read_bytes() == before
     assert sorted(p.name for p in run_folder.iterdir() if "checkpoint" in p.name) == ["checkpoint.pt"]
 
@@ -195,12 +242,18 @@ def test_bad_data_leaves_no_output_folder(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("device, message", [
-    ("bogus", "device: expected cpu, cuda or cuda:N, got 'bogus'"),
-    pytest.param("cuda", "no CUDA GPU is available", marks=pytest.mark.skipif(
-        torch.cuda.is_available(), reason="a CUDA GPU is present")),
-    ("cuda:99", "cuda:99"),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("bogus", "device: expected cpu, cuda or cuda:N, got 'bogus'"),
+        pytest.param(
+            "cuda",
+            "no CUDA GPU is available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present"),
+        ),
+        ("cuda:99", "cuda:99"),
+    ],
+)
 def test_a_bad_device_is_a_clear_error(device, message, tmp_path, capsys):
     code, err = run_cli(capsys, "vae", "--device", device, "--out", str(tmp_path / "run"))
     assert_user_error(code, err, message)
@@ -209,25 +262,44 @@ def test_a_bad_device_is_a_clear_error(device, message, tmp_path, capsys):
 
 def test_python_m_genfast_prints_no_traceback_for_a_user_error(tmp_path):
     (tmp_path / "notes.txt").write_text("not a folder")
-    done = subprocess.run([sys.executable, "-m", "genfast", "train", "vae", "--out", str(tmp_path / "notes.txt")],
-                          cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "genfast", "train", "vae", "--out", str(tmp_path / "notes.txt")],
+        cwd=ROOT,
+        env=CHILD_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert_user_error(done.returncode, done.stderr, "notes.txt")
 
 
 # --- non-finite numbers (item 12) ---
 
-@pytest.mark.parametrize("option, value", [
-    ("--lr", "inf"), ("--lr", "nan"), ("--lr", "0"), ("--lr", "-1e-3"), ("--lr", "1e39"),
-    ("--l1", "nan"), ("--l2", "-1"), ("--l2", "inf"), ("--epochs", "0"), ("--batch-size", "2.5"),
-])
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--lr", "inf"),
+        ("--lr", "nan"),
+        ("--lr", "0"),
+        ("--lr", "-1e-3"),
+        ("--lr", "1e39"),
+        ("--l1", "nan"),
+        ("--l2", "-1"),
+        ("--l2", "inf"),
+        ("--epochs", "0"),
+        ("--batch-size", "2.5"),
+    ],
+)
 def test_invalid_hyperparameters_stop_at_parsing(option, value, tmp_path, capsys):
     code, err = run_cli(capsys, "vae", f"{option}={value}", "--out", str(tmp_path / "run"))
     assert_user_error(code, err, f"argument {option}: expected", repr(value))
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("argument, value", [("lr", float("nan")), ("l1", float("inf")), ("l2", -1.0),
-                                             ("epochs", 0), ("seed", -1)])
+@pytest.mark.parametrize(
+    "argument, value", [("lr", float("nan")), ("l1", float("inf")), ("l2", -1.0), ("epochs", 0), ("seed", -1)]
+)
 def test_train_rejects_invalid_hyperparameters(argument, value):
     with pytest.raises(ValueError, match=f"^{argument}: expected"):
         train("vae", **{argument: value}, progress=False)
@@ -235,7 +307,9 @@ def test_train_rejects_invalid_hyperparameters(argument, value):
 
 def test_resume_with_a_nan_penalty_keeps_the_checkpoint(run_folder, capsys):
     before = (run_folder / "checkpoint.pt").read_bytes()
-    code, err = run_cli(capsys, "vae", "--epochs", "2", *SMALL, "--out", str(run_folder), "--resume", "--l1", "nan")
+    code, err = run_cli(
+        capsys, "vae", "--epochs", "2", *SMALL, "--out", str(run_folder), "--resume", "--l1", "nan"
+    )
     assert_user_error(code, err, "--l1")
     assert (run_folder / "checkpoint.pt").read_bytes() == before
 
@@ -244,23 +318,39 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(run_folder, ca
     # lr 1e10 takes the VAE's log-variances past exp's range within two steps: the loss becomes NaN.
     path = run_folder / "checkpoint.pt"
     before = path.read_bytes()
-    code, err = run_cli(capsys, "vae", "--epochs", "3", *SMALL, "--out", str(run_folder), "--resume", "--lr", "1e10")
+    code, err = run_cli(
+        capsys, "vae", "--epochs", "3", *SMALL, "--out", str(run_folder), "--resume", "--lr", "1e10"
+    )
     assert code == 2 and "Traceback" not in err
     assert "loss is nan" in err and f"training stopped; {path} is left as it was, at epoch 1" in err
     assert path.read_bytes() == before
-    code, err = run_cli(capsys, "vae", "--epochs", "1", *SMALL, "--out", str(run_folder), "--overwrite", "--lr", "1e10")
+    code, err = run_cli(
+        capsys, "vae", "--epochs", "1", *SMALL, "--out", str(run_folder), "--overwrite", "--lr", "1e10"
+    )
     assert code == 2 and "is left as it was" in err and path.read_bytes() == before
 
 
 def test_weights_that_became_infinite_are_never_saved(tmp_path):
     # One step per epoch whose loss is finite, whose update (l1 gradient 1e10 x lr 1e30) overflows float32.
-    with pytest.raises(NonFiniteError, match=r"encoder.0.weight.*NaN or infinite after epoch 1.*no checkpoint"):
-        train("autoencoder", optimizer="sgd", lr=1e30, l1=1e10, subset=32, batch_size=32, epochs=1, out=tmp_path,
-              progress=False)
+    with pytest.raises(
+        NonFiniteError, match=r"encoder.0.weight.*NaN or infinite after epoch 1.*no checkpoint"
+    ):
+        train(
+            "autoencoder",
+            optimizer="sgd",
+            lr=1e30,
+            l1=1e10,
+            subset=32,
+            batch_size=32,
+            epochs=1,
+            out=tmp_path,
+            progress=False,
+        )
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
 # --- new runs, resumed runs and their hyperparameters (item 13) ---
+
 
 def test_a_new_run_does_not_replace_a_checkpoint_without_overwrite(run_folder, capsys):
     path = run_folder / "checkpoint.pt"
@@ -268,12 +358,16 @@ def test_a_new_run_does_not_replace_a_checkpoint_without_overwrite(run_folder, c
     code, err = run_cli(capsys, "vae", "--epochs", "1", *SMALL, "--out", str(run_folder))
     assert_user_error(code, err, str(path), "--resume", "--overwrite")
     assert path.read_bytes() == before
-    code, err = run_cli(capsys, "vae", "--epochs", "1", *SMALL, "--seed", "3", "--out", str(run_folder), "--overwrite")
+    code, err = run_cli(
+        capsys, "vae", "--epochs", "1", *SMALL, "--seed", "3", "--out", str(run_folder), "--overwrite"
+    )
     assert code == 0 and checkpoint(run_folder)["shuffle"]["seed"] == 3
 
 
 def test_resume_applies_a_changed_learning_rate_and_says_so(run_folder, capsys):
-    code, err = run_cli(capsys, "vae", "--epochs", "2", *SMALL, "--out", str(run_folder), "--resume", "--lr", "0.01")
+    code, err = run_cli(
+        capsys, "vae", "--epochs", "2", *SMALL, "--out", str(run_folder), "--resume", "--lr", "0.01"
+    )
     assert code == 0 and f"with lr 0.01 (was {default_lr('vae', load_digits())})" in err
     assert [o["param_groups"][0]["lr"] for o in checkpoint(run_folder)["optimizers"]] == [0.01]
 
@@ -292,13 +386,18 @@ def test_resume_keeps_the_hyperparameters_it_is_not_given(tmp_path):
         assert torch.equal(tensor, resumed["model"][name]), name
 
 
-@pytest.mark.parametrize("arguments, fragments", [
-    (["--optimizer", "sgd"], ["trained with adam", "drop --optimizer"]),
-    (["--seed", "4"], ["seed 0", "--seed 4"]),
-    (["--overwrite"], ["not allowed with argument --resume"]),
-])
+@pytest.mark.parametrize(
+    "arguments, fragments",
+    [
+        (["--optimizer", "sgd"], ["trained with adam", "drop --optimizer"]),
+        (["--seed", "4"], ["seed 0", "--seed 4"]),
+        (["--overwrite"], ["not allowed with argument --resume"]),
+    ],
+)
 def test_resume_refuses_what_cannot_continue(arguments, fragments, run_folder, capsys):
     before = (run_folder / "checkpoint.pt").read_bytes()
-    code, err = run_cli(capsys, "vae", "--epochs", "2", *SMALL, "--out", str(run_folder), "--resume", *arguments)
+    code, err = run_cli(
+        capsys, "vae", "--epochs", "2", *SMALL, "--out", str(run_folder), "--resume", *arguments
+    )
     assert_user_error(code, err, *fragments)
     assert (run_folder / "checkpoint.pt").read_bytes() == before

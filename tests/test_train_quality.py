@@ -51,14 +51,19 @@ def test_the_figures_tell_digits_from_the_mean_digit_and_a_collapse():
     images, labels = digits.images, digits.labels
     ones = images[labels == 1]
     faithful = quality.measure("vae", Copier(lambda x: x, images), digits, images, labels)
-    blurred = quality.measure("vae", Copier(lambda x: images.mean(0).expand_as(x), ones), digits, images, labels)
+    blurred = quality.measure(
+        "vae", Copier(lambda x: images.mean(0).expand_as(x), ones), digits, images, labels
+    )
     assert faithful.reconstruction_accuracy == pytest.approx(faithful.classifier_accuracy, abs=0.02)
     assert faithful.reconstruction_accuracy > 0.95 and faithful.classes_covered == 10
     assert blurred.reconstruction_accuracy < 0.2 and blurred.classes_covered == 1
 
 
 def test_the_cli_prints_the_figures(tmp_path, capsys):
-    assert cli.main(["train", "gan", "--epochs", "1", "--subset", "64", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(["train", "gan", "--epochs", "1", "--subset", "64", "--no-progress", "--out", str(tmp_path)])
+        == 0
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("quality: samples cover ") and " of 10 digits" in last
 
@@ -66,7 +71,21 @@ def test_the_cli_prints_the_figures(tmp_path, capsys):
 def test_without_sklearn_the_report_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(quality, "_classifiers", {})
     monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)  # import fails as if not installed
-    assert cli.main(["train", "autoencoder", "--epochs", "1", "--subset", "64", "--no-progress",
-                     "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "autoencoder",
+                "--epochs",
+                "1",
+                "--subset",
+                "64",
+                "--no-progress",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("quality: not measured") and "pip install scikit-learn" in last

@@ -109,8 +109,11 @@ def test_torch_func_grad_jvp_and_vmap(backend, case):
     batched = tuple(torch.stack([t, 0.5 * t]) for t in inputs)  # every input, weights too, gets a batch dim
     transforms = {
         "grad": lambda f: torch.func.grad(lambda *a: f(*a).sum(), argnums=argnums)(*inputs),
-        "jvp": lambda f: torch.func.jvp(lambda *a: f(*a, *inputs[n_diff:]), inputs[:n_diff],
-                                        tuple(torch.ones_like(t) for t in inputs[:n_diff])),
+        "jvp": lambda f: torch.func.jvp(
+            lambda *a: f(*a, *inputs[n_diff:]),
+            inputs[:n_diff],
+            tuple(torch.ones_like(t) for t in inputs[:n_diff]),
+        ),
         "vmap": lambda f: torch.func.vmap(f)(*batched),
     }
     with genfast.use_backend(backend):
@@ -138,6 +141,7 @@ def test_per_sample_gradients_of_a_fused_model():
     def per_sample(m):
         def loss(p, xi, yi):
             return (torch.func.functional_call(m, p, (xi.unsqueeze(0),)) - yi).square().sum()
+
         return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
 
     ours, theirs = per_sample(model), per_sample(plain)
@@ -158,7 +162,9 @@ def test_sampling_under_forward_ad_gives_the_tangent_of_its_sample():
     mu, logvar = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     dmu, dlogvar = torch.randn_like(mu), torch.randn_like(logvar)
     with fwAD.dual_level():
-        out = fwAD.unpack_dual(genfast.reparameterize(fwAD.make_dual(mu, dmu), fwAD.make_dual(logvar, dlogvar)))
+        out = fwAD.unpack_dual(
+            genfast.reparameterize(fwAD.make_dual(mu, dmu), fwAD.make_dual(logvar, dlogvar))
+        )
     torch.testing.assert_close(out.tangent, dmu + 0.5 * (out.primal - mu) * dlogvar)
 
 

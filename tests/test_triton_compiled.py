@@ -33,7 +33,9 @@ def _launch_everything() -> None:
     recon, mu, logvar = (torch.randn(3, n, requires_grad=True) for n in (6, 2, 2))
     genfast.elbo_loss(recon, torch.rand(3, 6), mu, logvar, beta=0.3).backward()
     real, fake = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
-    (genfast.discriminator_loss(real, fake, real_label_smoothing=0.1) + genfast.generator_loss(fake)).backward()
+    (
+        genfast.discriminator_loss(real, fake, real_label_smoothing=0.1) + genfast.generator_loss(fake)
+    ).backward()
     z, kl = genfast.reparameterize_kl(mu, logvar)
     (z.sum() + kl).backward()
 
@@ -55,7 +57,9 @@ def test_every_float_argument_of_a_triton_kernel_is_declared_fp64(monkeypatch):
     monkeypatch.setattr(InterpretedFunction, "run", spy)
     with genfast.use_backend("triton"):
         _launch_everything()
-    assert {"_matmul_kernel", "_dz_kernel", "_elbo_row_kernel", "_gan_kernel", "_finish_kernel"} <= set(kernels)
+    assert {"_matmul_kernel", "_dz_kernel", "_elbo_row_kernel", "_gan_kernel", "_finish_kernel"} <= set(
+        kernels
+    )
     undeclared = {}
     for kernel, names in floats.items():
         params = list(inspect.signature(kernels[kernel]).parameters.values())
@@ -75,11 +79,17 @@ def test_no_kernel_times_configs_again_for_a_new_batch_size_in_its_bucket():
 
     from genfast.triton import dense, losses, reparam
 
-    tuned = {f"{module.__name__}.{name}": kernel for module in (dense, losses, reparam)
-             for name, kernel in vars(module).items() if isinstance(kernel, Autotuner)}
+    tuned = {
+        f"{module.__name__}.{name}": kernel
+        for module in (dense, losses, reparam)
+        for name, kernel in vars(module).items()
+        if isinstance(kernel, Autotuner)
+    }
     assert set(tuned) == {"genfast.triton.dense._matmul_kernel"}, sorted(tuned)
-    assert all(key.endswith(("_bucket", "_k_major")) or key in ("aligned", "PRECISION")
-               for key in dense._matmul_kernel.keys), dense._matmul_kernel.keys
+    assert all(
+        key.endswith(("_bucket", "_k_major")) or key in ("aligned", "PRECISION")
+        for key in dense._matmul_kernel.keys
+    ), dense._matmul_kernel.keys
 
 
 # Every variant, compiled for the real targets by tests/triton_targets.py: one process per target, side by
@@ -87,8 +97,10 @@ def test_no_kernel_times_configs_again_for_a_new_batch_size_in_its_bucket():
 _TARGETS = (80, 90)
 # Kernels allowed a stack, up to how many bytes and registers, and why. Nothing else may spill or keep
 # arrays in local memory.
-_MICRO_SPILL = ("ptxas parks one 64-bit value in an 8-byte stack slot, stored and loaded once per program, at "
-                "32 to 64 registers of the 255 it may use: its own scheduling choice, not register pressure")
+_MICRO_SPILL = (
+    "ptxas parks one 64-bit value in an 8-byte stack slot, stored and loaded once per program, at "
+    "32 to 64 registers of the 255 it may use: its own scheduling choice, not register pressure"
+)
 _STACK_ALLOWED: dict[str, tuple[int, int, str]] = {
     "_gan_kernel": (8, 64, _MICRO_SPILL),  # fp64 square/linear terms; sm_80 and sm_90
     "_dz_kernel": (8, 64, _MICRO_SPILL),  # relu, fp32, odd N, sm_80
@@ -105,9 +117,16 @@ def compiled() -> list[dict]:
     from tests.triton_targets import MAX_SHARED
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    workers = {capability: subprocess.Popen([sys.executable, "-m", "tests.triton_targets", str(capability)],
-                                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for capability in _TARGETS}
+    workers = {
+        capability: subprocess.Popen(
+            [sys.executable, "-m", "tests.triton_targets", str(capability)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for capability in _TARGETS
+    }
     records = []
     for capability, worker in workers.items():
         out, err = worker.communicate(timeout=1200)
@@ -123,18 +142,31 @@ def _variant(record: dict) -> str:
 
 
 def test_every_triton_variant_compiles_for_sm80_and_sm90(compiled):
-    kernels = {"_matmul_kernel", "_dz_kernel", "_sample_kernel", "_kl_rows_kernel", "_kl_backward_kernel",
-               "_elbo_row_kernel", "_gan_kernel", "_finish_kernel"}
+    kernels = {
+        "_matmul_kernel",
+        "_dz_kernel",
+        "_sample_kernel",
+        "_kl_rows_kernel",
+        "_kl_backward_kernel",
+        "_elbo_row_kernel",
+        "_gan_kernel",
+        "_finish_kernel",
+    }
     by_target = {c: {_variant(r) for r in compiled if r["capability"] == c} for c in _TARGETS}
     assert {r["kernel"] for r in compiled} == kernels
     assert by_target[80] == by_target[90], by_target[80] ^ by_target[90]
     seconds = sum(r["seconds"] for r in compiled)
-    print(f"{len(compiled)} kernels compiled ({len(by_target[90])} variants per target), {seconds:.0f} s of compiling")
+    print(
+        f"{len(compiled)} kernels compiled ({len(by_target[90])} variants per target), {seconds:.0f} s of compiling"
+    )
 
 
 def test_every_triton_variant_fits_the_shared_memory_of_its_target(compiled):
-    too_big = [f"sm_{r['capability']}: {_variant(r)} needs {r['shared']} B (max {r['max_shared']})"
-               for r in compiled if r["shared"] > r["max_shared"]]
+    too_big = [
+        f"sm_{r['capability']}: {_variant(r)} needs {r['shared']} B (max {r['max_shared']})"
+        for r in compiled
+        if r["shared"] > r["max_shared"]
+    ]
     assert not too_big, "\n".join(too_big)
 
 
@@ -146,12 +178,17 @@ def test_no_compiled_triton_kernel_takes_an_fp32_float_argument(compiled):
 
 def _allowed(record: dict) -> bool:
     stack, registers, _ = _STACK_ALLOWED.get(record["kernel"], (0, 0, ""))
-    return record["local"] == 0 and (record["stack"] == 0 or record["stack"] <= stack and record["reg"] <= registers)
+    return record["local"] == 0 and (
+        record["stack"] == 0 or record["stack"] <= stack and record["reg"] <= registers
+    )
 
 
 def test_no_triton_variant_spills_or_uses_local_memory(compiled):
-    spills = [f"sm_{r['capability']}: {_variant(r)}: {r['reg']} registers, stack {r['stack']} B, local {r['local']} B"
-              for r in compiled if not _allowed(r)]
+    spills = [
+        f"sm_{r['capability']}: {_variant(r)}: {r['reg']} registers, stack {r['stack']} B, local {r['local']} B"
+        for r in compiled
+        if not _allowed(r)
+    ]
     assert not spills, "\n".join(spills)
 
 
@@ -180,7 +217,12 @@ def test_kernels_take_exp_log_sin_cos_from_the_accurate_helpers():
         if path.name == "_math.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in approximate
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "tl"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in approximate
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "tl"
+            ):
                 calls.append(f"{path.name}:{node.lineno} tl.{node.func.attr}")
     assert not calls, calls

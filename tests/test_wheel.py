@@ -70,7 +70,13 @@ def run(command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> s
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without anything that could put the source tree on the import path."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    return {**env, "PYTHONNOUSERSITE": "1", "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", **extra}
+    return {
+        **env,
+        "PYTHONNOUSERSITE": "1",
+        "PIP_NO_INDEX": "1",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +95,9 @@ def wheel(tmp_path_factory, cuda_build) -> Path:
     source = tmp_path_factory.mktemp("source")
     for name in SOURCES:
         if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, source / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info"))
+            shutil.copytree(
+                REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
+            )
         else:
             shutil.copy2(REPO / name, source / name)
     env = clean_env(GENFAST_CUDA="1" if cuda_build else "0")
@@ -107,7 +114,12 @@ def test_wheel_names_its_python_torch_and_cuda_and_holds_the_package(wheel, cuda
     assert wheel.name.startswith(f"genfast-0.1.0+torch{torch_mm}.{variant}-{python}-{python}-"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("genfast/_C.") and n.endswith(".so") for n in names), names
-    for module in ("genfast/__init__.py", "genfast/models/vae.py", "genfast/nn/linear.py", "genfast/ops/dense.py"):
+    for module in (
+        "genfast/__init__.py",
+        "genfast/models/vae.py",
+        "genfast/nn/linear.py",
+        "genfast/ops/dense.py",
+    ):
         assert module in names
     assert not any(n.startswith(("csrc/", "tests/", "benchmarks/")) for n in names), names
 
@@ -116,17 +128,30 @@ def test_wheel_installs_into_a_fresh_venv_and_trains(wheel, cuda_build, tmp_path
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, clean_env(), 300)
     python = venv / "bin" / "python"
-    purelib = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                       tmp_path, clean_env(), 60).strip())
+    purelib = Path(
+        run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            tmp_path,
+            clean_env(),
+            60,
+        ).strip()
+    )
     # This interpreter's PyTorch (and pip), after the venv's own packages on sys.path. A bare path line:
     # the .pth files there (the checkout's editable install of genfast) are not run.
-    reused = dict.fromkeys([str(Path(torch.__file__).parents[1]), *site.getsitepackages(),
-                            sysconfig.get_paths()["purelib"]])
+    reused = dict.fromkeys(
+        [str(Path(torch.__file__).parents[1]), *site.getsitepackages(), sysconfig.get_paths()["purelib"]]
+    )
     (purelib / "reuse_torch.pth").write_text("\n".join(reused) + "\n")
     # --ignore-installed: pip sees the checkout's genfast through that path and must leave it alone.
-    run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
-        tmp_path, clean_env(), 600)
+    run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
+        tmp_path,
+        clean_env(),
+        600,
+    )
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
-    output = run([str(python), "-c", CHECK, str(purelib), "1" if cuda_build else "0"], workdir, clean_env(), 600)
+    output = run(
+        [str(python), "-c", CHECK, str(purelib), "1" if cuda_build else "0"], workdir, clean_env(), 600
+    )
     assert "wheel works:" in output, output

@@ -25,4 +25,6 @@ def assert_within_rule(name: str, value: torch.Tensor, eager: torch.Tensor, refe
     assert value.dtype == eager.dtype, f"{name}: dtype {value.dtype}, eager gives {eager.dtype}"
     ours = rms_error(value, reference)
     theirs = max(rms_error(eager, reference), rms_error(reference.to(value.dtype), reference))
-    assert ours <= 2 * theirs + 1e-6, f"{name}: genfast error {ours:.3g} > 2 x eager error {theirs:.3g} + 1e-6"
+    assert ours <= 2 * theirs + 1e-6, (
+        f"{name}: genfast error {ours:.3g} > 2 x eager error {theirs:.3g} + 1e-6"
+    )

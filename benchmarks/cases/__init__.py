@@ -14,5 +14,10 @@ from types import ModuleType
 
 from benchmarks.cases import dense, losses, overhead, reparam, training
 
-FAMILIES: dict[str, ModuleType] = {"dense": dense, "losses": losses, "reparam": reparam, "training": training,
-                                   "overhead": overhead}
+FAMILIES: dict[str, ModuleType] = {
+    "dense": dense,
+    "losses": losses,
+    "reparam": reparam,
+    "training": training,
+    "overhead": overhead,
+}

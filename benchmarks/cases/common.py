@@ -40,8 +40,9 @@ def genfast_backends(device: torch.device) -> tuple[str, ...]:
     return usable or ("reference",)
 
 
-def make_step(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], grad_output: torch.Tensor,
-              mode: str) -> Callable[[], object]:
+def make_step(
+    fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], grad_output: torch.Tensor, mode: str
+) -> Callable[[], object]:
     """The callable that times `mode` of ``fn(*inputs)``.
 
     "forward": the forward as in training (inputs require grad); "backward": the backward alone, on a
@@ -58,8 +59,12 @@ def make_step(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...],
     raise ValueError(f"mode: expected forward, backward or both, got {mode!r}")
 
 
-def contenders_of(step: Callable[[Callable[..., object]], Callable[[], object]], ours: Callable[..., object],
-                  baselines: dict[str, Callable[..., object]], device: torch.device) -> dict[str, Contender]:
+def contenders_of(
+    step: Callable[[Callable[..., object]], Callable[[], object]],
+    ours: Callable[..., object],
+    baselines: dict[str, Callable[..., object]],
+    device: torch.device,
+) -> dict[str, Contender]:
     """genfast's function `ours` pinned to each backend of `device`, then each of `baselines` unpinned,
     all made into timed callables by `step` (``make_step`` with the case's inputs and mode bound)."""
     result = {f"genfast:{b}": Contender(functools.partial(step, ours), b) for b in genfast_backends(device)}

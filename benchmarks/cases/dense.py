@@ -41,8 +41,10 @@ class DenseCase:
 
     @property
     def name(self) -> str:
-        return (f"{self.batch}x{self.in_features}->{self.out_features} {self.activation} "
-                f"{short_dtype(self.dtype)} {self.mode}")
+        return (
+            f"{self.batch}x{self.in_features}->{self.out_features} {self.activation} "
+            f"{short_dtype(self.dtype)} {self.mode}"
+        )
 
     @property
     def flops(self) -> int:
@@ -63,8 +65,12 @@ def _cases(shapes: list[tuple[int, int, int, str, str]]) -> tuple[DenseCase, ...
 
 def _full(device_type: str) -> tuple[DenseCase, ...]:
     (large, large_dtype) = _LARGE[device_type]
-    shapes = [(batch, i, o, "relu", dtype) for dtype in DTYPES[device_type]
-              for (i, o) in _MLP_LAYERS for batch in _BATCHES]
+    shapes = [
+        (batch, i, o, "relu", dtype)
+        for dtype in DTYPES[device_type]
+        for (i, o) in _MLP_LAYERS
+        for batch in _BATCHES
+    ]
     shapes += [(*shape, "gelu", dtype) for dtype in DTYPES[device_type] for shape in _GELU_SHAPES]
     return _cases(shapes + [(*large, "relu", large_dtype)])
 
@@ -84,8 +90,9 @@ class _Setup:
 
 
 @functools.lru_cache(maxsize=1)
-def _setup(batch: int, in_features: int, out_features: int, activation: str, dtype: str,
-           device: torch.device) -> _Setup:
+def _setup(
+    batch: int, in_features: int, out_features: int, activation: str, dtype: str, device: torch.device
+) -> _Setup:
     """Inputs and compiled baselines of one shape, shared by its three modes (compiled once)."""
     torch.manual_seed(0)
     kw = {"device": device, "dtype": getattr(torch, dtype)}
@@ -122,5 +129,7 @@ def contenders(case: DenseCase, device: torch.device) -> dict[str, Contender]:
     step = functools.partial(make_step, inputs=setup.inputs, grad_output=setup.grad_output, mode=case.mode)
     # genfast:auto is what a user gets (the backend genfast picks); genfast:<backend> pins that backend.
     ours = _genfast(case.activation)
-    return {"genfast:auto": Contender(functools.partial(step, ours)),
-            **contenders_of(step, ours, setup.baselines, device)}
+    return {
+        "genfast:auto": Contender(functools.partial(step, ours)),
+        **contenders_of(step, ours, setup.baselines, device),
+    }

@@ -37,8 +37,7 @@ class LossCase:
 
     @property
     def name(self) -> str:
-        return (f"{self.loss} {self.kind} {self.batch}x{self.features} "
-                f"{short_dtype(self.dtype)} {self.mode}")
+        return f"{self.loss} {self.kind} {self.batch}x{self.features} {short_dtype(self.dtype)} {self.mode}"
 
     @property
     def flops(self) -> int:
@@ -61,21 +60,30 @@ def _cases(device_type: str) -> tuple[LossCase, ...]:
     cases += [LossCase("elbo", 4096, 784, "mse", dtype) for dtype in dtypes]
     for dtype in dtypes:
         for loss in ("discriminator", "generator"):
-            cases += [LossCase(loss, b, 1, kind, dtype) for kind in ("nonsaturating", "hinge")
-                      for b in (64, 256, 1024, 4096)]
-            cases += [LossCase(loss, b, 1, kind, dtype) for kind in ("lsgan", "wasserstein") for b in (64, 4096)]
+            cases += [
+                LossCase(loss, b, 1, kind, dtype)
+                for kind in ("nonsaturating", "hinge")
+                for b in (64, 256, 1024, 4096)
+            ]
+            cases += [
+                LossCase(loss, b, 1, kind, dtype) for kind in ("lsgan", "wasserstein") for b in (64, 4096)
+            ]
     return tuple(cases)
 
 
 CASES: dict[str, tuple[LossCase, ...]] = {device_type: _cases(device_type) for device_type in DTYPES}
 QUICK_CASES: dict[str, tuple[LossCase, ...]] = {
-    device_type: (LossCase("elbo", 256, 784, "bce", dtype), LossCase("discriminator", 64, 1, "nonsaturating", dtype))
+    device_type: (
+        LossCase("elbo", 256, 784, "bce", dtype),
+        LossCase("discriminator", 64, 1, "nonsaturating", dtype),
+    )
     for device_type, dtype in QUICK_DTYPE.items()
 }
 
 
 # ---------------------------------------------------------------------------------------------------
 # The losses as common PyTorch code writes them.
+
 
 def eager_elbo(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, recon_loss: str) -> Tensor:
     if recon_loss == "bce":
@@ -88,8 +96,9 @@ def eager_elbo(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, recon_
 
 def eager_discriminator(real: Tensor, fake: Tensor, kind: str) -> Tensor:
     if kind == "nonsaturating":
-        return (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
-                + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+        return F.binary_cross_entropy_with_logits(
+            real, torch.ones_like(real)
+        ) + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
     if kind == "hinge":
         return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
     if kind == "lsgan":
@@ -107,6 +116,7 @@ def eager_generator(fake: Tensor, kind: str) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Setup:
     inputs: tuple[Tensor, ...]
@@ -122,7 +132,9 @@ def _setup(case: LossCase, device: torch.device) -> _Setup:
     kw = {"device": device, "dtype": getattr(torch, case.dtype)}
     if case.loss == "elbo":
         target = torch.rand(case.batch, case.features, **kw)
-        inputs = tuple(torch.randn(case.batch, n, **kw).requires_grad_() for n in (case.features, _LATENT, _LATENT))
+        inputs = tuple(
+            torch.randn(case.batch, n, **kw).requires_grad_() for n in (case.features, _LATENT, _LATENT)
+        )
 
         def eager(recon, mu, logvar):
             return eager_elbo(recon, target, mu, logvar, case.kind)
@@ -134,7 +146,9 @@ def _setup(case: LossCase, device: torch.device) -> _Setup:
         count = 2 if case.loss == "discriminator" else 1
         inputs = tuple(torch.randn(case.batch, case.features, **kw).requires_grad_() for _ in range(count))
         eager = functools.partial(eager_discriminator if count == 2 else eager_generator, kind=case.kind)
-        ours = functools.partial(genfast.discriminator_loss if count == 2 else genfast.generator_loss, kind=case.kind)
+        ours = functools.partial(
+            genfast.discriminator_loss if count == 2 else genfast.generator_loss, kind=case.kind
+        )
     torch._dynamo.reset()  # a fresh Dynamo state per case: no recompile limit, no shape made dynamic
     return _Setup(inputs, torch.ones((), **kw), eager, ours, torch.compile(eager, dynamic=False))
 

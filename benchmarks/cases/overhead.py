@@ -43,9 +43,10 @@ class OverheadCase:
 
     @property
     def name(self) -> str:
-        shape = {"fused_dense": f"{self.batch}x{self.features}->{_DENSE_OUT} relu",
-                 "generator_loss": f"nonsaturating {self.batch}x{self.features}"}.get(
-                     self.op, f"{self.batch}x{self.features}")
+        shape = {
+            "fused_dense": f"{self.batch}x{self.features}->{_DENSE_OUT} relu",
+            "generator_loss": f"nonsaturating {self.batch}x{self.features}",
+        }.get(self.op, f"{self.batch}x{self.features}")
         return f"{self.op} {shape} {short_dtype(self.dtype)} {self.mode}"
 
     @property
@@ -58,8 +59,11 @@ class OverheadCase:
         return 1
 
 
-_CASES = (OverheadCase("fused_dense", 64, 100), OverheadCase("generator_loss", 64, 1),
-          OverheadCase("reparameterize", 64, 20))
+_CASES = (
+    OverheadCase("fused_dense", 64, 100),
+    OverheadCase("generator_loss", 64, 1),
+    OverheadCase("reparameterize", 64, 20),
+)
 CASES: dict[str, tuple[OverheadCase, ...]] = {"cpu": _CASES, "cuda": _CASES}
 QUICK_CASES = CASES
 
@@ -108,4 +112,7 @@ def contenders(case: OverheadCase, device: torch.device) -> dict[str, Contender]
     eager, ours = _EAGER[case.op], _genfast(case.op)
     torch._dynamo.reset()  # a fresh Dynamo state per case: no recompile limit, no shape made dynamic
     baselines = {"eager": eager, "compile": torch.compile(eager, dynamic=False)}
-    return {"genfast:auto": Contender(functools.partial(step, ours)), **contenders_of(step, ours, baselines, device)}
+    return {
+        "genfast:auto": Contender(functools.partial(step, ours)),
+        **contenders_of(step, ours, baselines, device),
+    }

@@ -48,9 +48,11 @@ from benchmarks.cases.common import (
 OPS = ("reparameterize", "kl", "reparameterize_kl")
 _Op = Callable[..., Tensor | tuple[Tensor, Tensor]]  # (mu, logvar) -> z, kl or (z, kl)
 # Tensors of N elements each mode must read and write, at the least (see the module docstring).
-_TRAFFIC = {"reparameterize": {"forward": 3, "backward": 3},
-            "kl": {"forward": 2, "backward": 4},
-            "reparameterize_kl": {"forward": 3, "backward": 5}}
+_TRAFFIC = {
+    "reparameterize": {"forward": 3, "backward": 3},
+    "kl": {"forward": 2, "backward": 4},
+    "reparameterize_kl": {"forward": 3, "backward": 5},
+}
 
 
 @dataclass(frozen=True)
@@ -79,16 +81,23 @@ class ReparamCase:
 
 _SHAPES = ((128, 20), (1024, 64), (4096, 256), (16384, 512))
 # 2^26 elements, as (shape, ops, modes). On 2 CPU cores a call takes 1-4 s and a case minutes: one case.
-_LARGE = {"cpu": (((65536, 1024), ("reparameterize",), ("both",)),),
-          "cuda": (((65536, 1024), OPS, MODES), ((8192, 8192), OPS, MODES))}
+_LARGE = {
+    "cpu": (((65536, 1024), ("reparameterize",), ("both",)),),
+    "cuda": (((65536, 1024), OPS, MODES), ((8192, 8192), OPS, MODES)),
+}
 
 
 def _full(device_type: str) -> tuple[ReparamCase, ...]:
     """Every op and mode of each shape; the modes of one (op, shape, dtype) next to each other (they share
     inputs and compiles)."""
     shapes = [(shape, OPS, MODES) for shape in _SHAPES] + list(_LARGE[device_type])
-    return tuple(ReparamCase(op, batch, latent, dtype, mode) for dtype in DTYPES[device_type]
-                 for ((batch, latent), ops, modes) in shapes for op in ops for mode in modes)
+    return tuple(
+        ReparamCase(op, batch, latent, dtype, mode)
+        for dtype in DTYPES[device_type]
+        for ((batch, latent), ops, modes) in shapes
+        for op in ops
+        for mode in modes
+    )
 
 
 CASES: dict[str, tuple[ReparamCase, ...]] = {device_type: _full(device_type) for device_type in DTYPES}
@@ -100,6 +109,7 @@ QUICK_CASES: dict[str, tuple[ReparamCase, ...]] = {
 
 # ---------------------------------------------------------------------------------------------------
 # The ops as common PyTorch code writes them.
+
 
 def eager_reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
     return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
@@ -113,8 +123,11 @@ def eager_reparameterize_kl(mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]
     return eager_reparameterize(mu, logvar), eager_kl_divergence(mu, logvar)
 
 
-_EAGER = {"reparameterize": eager_reparameterize, "kl": eager_kl_divergence,
-          "reparameterize_kl": eager_reparameterize_kl}
+_EAGER = {
+    "reparameterize": eager_reparameterize,
+    "kl": eager_kl_divergence,
+    "reparameterize_kl": eager_reparameterize_kl,
+}
 
 
 def _genfast(op: str) -> _Op:
@@ -127,6 +140,7 @@ def _genfast(op: str) -> _Op:
 
 
 # ---------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Setup:

@@ -59,16 +59,22 @@ class TrainingCase:
             return _gemm_flops(_AUTOENCODER + _AUTOENCODER[-2::-1], b, b)
         if self.model == "vae":
             features, hidden, latent = _VAE
-            return (_gemm_flops((features, *hidden, 2 * latent), b, b)
-                    + _gemm_flops((latent, *hidden[::-1], features), b, b, input_grad=True))
+            return _gemm_flops((features, *hidden, 2 * latent), b, b) + _gemm_flops(
+                (latent, *hidden[::-1], features), b, b, input_grad=True
+            )
         if self.model == "gan":  # D on real + fake, then D on fake again with grad into G
-            return (_gemm_flops(_GENERATOR, b, b) + _gemm_flops(_DISCRIMINATOR, 2 * b, 2 * b)
-                    + _gemm_flops(_DISCRIMINATOR, b, b, input_grad=True))
+            return (
+                _gemm_flops(_GENERATOR, b, b)
+                + _gemm_flops(_DISCRIMINATOR, 2 * b, 2 * b)
+                + _gemm_flops(_DISCRIMINATOR, b, b, input_grad=True)
+            )
         vocab, context, embedding, hidden = _LM
         return _gemm_flops((context * embedding, *hidden, vocab), b, b, input_grad=True)
 
 
-def _gemm_flops(sizes: tuple[int, ...], forward_rows: int, backward_rows: int, input_grad: bool = False) -> int:
+def _gemm_flops(
+    sizes: tuple[int, ...], forward_rows: int, backward_rows: int, input_grad: bool = False
+) -> int:
     """An MLP of layer `sizes`: forward, weight gradients, and input gradients (the first layer's only if
     `input_grad`)."""
     products = [n_in * n_out for n_in, n_out in zip(sizes, sizes[1:])]
@@ -78,8 +84,12 @@ def _gemm_flops(sizes: tuple[int, ...], forward_rows: int, backward_rows: int, i
 
 _BATCHES = {"cpu": (64, 256), "cuda": (64, 256, 1024)}
 CASES: dict[str, tuple[TrainingCase, ...]] = {
-    device_type: tuple(TrainingCase(model, batch, dtype) for dtype in DTYPES[device_type]
-                       for model in MODELS for batch in _BATCHES[device_type])
+    device_type: tuple(
+        TrainingCase(model, batch, dtype)
+        for dtype in DTYPES[device_type]
+        for model in MODELS
+        for batch in _BATCHES[device_type]
+    )
     for device_type in _BATCHES
 }
 QUICK_CASES: dict[str, tuple[TrainingCase, ...]] = {
@@ -114,8 +124,9 @@ def _compiled(fn: Callable, compile: bool) -> Callable:
     return torch.compile(fn, dynamic=False) if compile else fn
 
 
-def _train_step(model: torch.nn.Module, batch: tuple[Tensor, ...], autocast: torch.dtype | None,
-                compile: bool) -> Callable[[], None]:
+def _train_step(
+    model: torch.nn.Module, batch: tuple[Tensor, ...], autocast: torch.dtype | None, compile: bool
+) -> Callable[[], None]:
     """One optimizer step of `model` on `batch`, its loss (and the GAN's generator) compiled if `compile`."""
     device_type = batch[0].device.type
     precision = functools.partial(torch.autocast, device_type, dtype=autocast, enabled=autocast is not None)
@@ -132,7 +143,10 @@ def _train_step(model: torch.nn.Module, batch: tuple[Tensor, ...], autocast: tor
         return step
 
     generate = _compiled(model.forward, compile)
-    d_loss_of, g_loss_of = _compiled(model.discriminator_loss, compile), _compiled(model.generator_loss, compile)
+    d_loss_of, g_loss_of = (
+        _compiled(model.discriminator_loss, compile),
+        _compiled(model.generator_loss, compile),
+    )
     d_optimizer = torch.optim.Adam(model.discriminator.parameters())
     g_optimizer = torch.optim.Adam(model.generator.parameters())
     (real,) = batch

@@ -22,17 +22,23 @@ class GAN(TwinModel):
         fused: genfast's layers and fused losses (True) or plain PyTorch (False).
     """
 
-    def __init__(self, generator_sizes: tuple[int, ...] = (100, 128, 256, 512, 1024, 784),
-                 discriminator_sizes: tuple[int, ...] = (784, 512, 256, 128, 1), kind: str = "nonsaturating",
-                 fused: bool = True) -> None:
+    def __init__(
+        self,
+        generator_sizes: tuple[int, ...] = (100, 128, 256, 512, 1024, 784),
+        discriminator_sizes: tuple[int, ...] = (784, 512, 256, 128, 1),
+        kind: str = "nonsaturating",
+        fused: bool = True,
+    ) -> None:
         super().__init__()
         if kind not in GAN_KINDS:
             raise ValueError(f"kind: expected one of {sorted(GAN_KINDS)}, got {kind!r}")
         generator_sizes = check_sizes("generator_sizes", generator_sizes, at_least=2)
         discriminator_sizes = check_sizes("discriminator_sizes", discriminator_sizes, at_least=2)
         if generator_sizes[-1] != discriminator_sizes[0] or discriminator_sizes[-1] != 1:
-            raise ValueError(f"the generator's output ({generator_sizes[-1]}) must be the discriminator's input "
-                             f"({discriminator_sizes[0]}), and the discriminator must end in 1 logit")
+            raise ValueError(
+                f"the generator's output ({generator_sizes[-1]}) must be the discriminator's input "
+                f"({discriminator_sizes[0]}), and the discriminator must end in 1 logit"
+            )
         self.noise_features, self.kind = generator_sizes[0], kind
         self.generator = mlp(generator_sizes, nn.ReLU(), last=nn.Tanh())
         self.discriminator = mlp(discriminator_sizes, nn.LeakyReLU(0.2))

@@ -21,8 +21,14 @@ class LanguageModel(TwinModel):
         fused: genfast's layers (True) or plain nn.Linear + GELU (False).
     """
 
-    def __init__(self, vocab_size: int, context: int = 16, embedding: int = 32, hidden: tuple[int, ...] = (512, 512),
-                 fused: bool = True) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        context: int = 16,
+        embedding: int = 32,
+        hidden: tuple[int, ...] = (512, 512),
+        fused: bool = True,
+    ) -> None:
         super().__init__()
         if vocab_size < 2 or context < 1:
             raise ValueError(f"vocab_size must be >= 2 and context >= 1, got {vocab_size}, {context}")
@@ -42,15 +48,16 @@ class LanguageModel(TwinModel):
         return F.cross_entropy(self(tokens), targets)
 
     @torch.no_grad()
-    def generate(self, prompt: list[int], n: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> list[int]:
+    def generate(
+        self, prompt: list[int], n: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> list[int]:
         """Sample n tokens after `prompt` (token ids), one at a time."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         device = self.embed.weight.device
         tokens = [0] * self.context + list(prompt)
         for _ in range(n):
-            window = torch.tensor([tokens[-self.context:]], device=device)
+            window = torch.tensor([tokens[-self.context :]], device=device)
             probs = torch.softmax(self(window).float() / temperature, dim=-1)
             tokens.append(int(torch.multinomial(probs.cpu(), 1, generator=generator)))
-        return tokens[self.context + len(prompt):]
+        return tokens[self.context + len(prompt) :]

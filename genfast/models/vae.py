@@ -25,8 +25,14 @@ class VAE(TwinModel):
         fused: genfast's layers, sampling and fused ELBO (True) or plain PyTorch (False).
     """
 
-    def __init__(self, in_features: int = 784, hidden: tuple[int, ...] = (400,), latent: int = 20,
-                 beta: float = 1.0, fused: bool = True) -> None:
+    def __init__(
+        self,
+        in_features: int = 784,
+        hidden: tuple[int, ...] = (400,),
+        latent: int = 20,
+        beta: float = 1.0,
+        fused: bool = True,
+    ) -> None:
         super().__init__()
         check_positive("in_features", in_features)
         check_positive("latent", latent)

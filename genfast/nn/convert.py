@@ -15,8 +15,14 @@ from genfast.nn.linear import FusedLinear
 
 
 def _fused_from(linear: nn.Linear, activation: str, slope: float) -> FusedLinear:
-    fused = FusedLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                        activation=activation, negative_slope=slope, device="meta")
+    fused = FusedLinear(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        activation=activation,
+        negative_slope=slope,
+        device="meta",
+    )
     fused.weight, fused.bias = linear.weight, linear.bias  # the very Parameters: optimizers stay valid
     fused.train(linear.training)
     return fused
@@ -29,8 +35,16 @@ def _plain_from(fused: FusedLinear) -> nn.Linear:
     return linear
 
 
-_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
-          "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -52,9 +66,11 @@ def convert(model: nn.Module) -> nn.Module:
                 continue
             if _hooked(linear) or _hooked(act):
                 where = f"{prefix}.{name}" if prefix else name
-                warnings.warn(f"genfast.nn.convert: left {where!r} and its activation unfused: they carry hooks, "
-                              "which a fused layer cannot run at the same place; remove the hooks to fuse it",
-                              stacklevel=2)
+                warnings.warn(
+                    f"genfast.nn.convert: left {where!r} and its activation unfused: they carry hooks, "
+                    "which a fused layer cannot run at the same place; remove the hooks to fuse it",
+                    stacklevel=2,
+                )
                 continue
             seq._modules[name] = _fused_from(linear, *found)
             seq._modules[next_name] = nn.Identity()
@@ -79,7 +95,11 @@ def revert(model: nn.Module) -> nn.Module:
             next_name = names[i + 1] if i + 1 < len(names) else None
             if fused.activation == "none":
                 parent._modules[name] = linear
-            elif isinstance(parent, nn.Sequential) and next_name and type(parent._modules[next_name]) is nn.Identity:
+            elif (
+                isinstance(parent, nn.Sequential)
+                and next_name
+                and type(parent._modules[next_name]) is nn.Identity
+            ):
                 parent._modules[name], parent._modules[next_name] = linear, act
             else:
                 parent._modules[name] = nn.Sequential(linear, act)

@@ -16,8 +16,16 @@ class FusedLinear(torch.nn.Linear):
     and checkpoints load either way. ``activation`` is one of genfast.activations' names.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = "relu",
-                 negative_slope: float = 0.01, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str | None = "relu",
+        negative_slope: float = 0.01,
+        device=None,
+        dtype=None,
+    ) -> None:
         self.activation = get_activation(activation).name
         self.negative_slope = float(negative_slope)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)

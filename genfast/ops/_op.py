@@ -46,10 +46,21 @@ class Kernels:
 
 
 class Op:
-    def __init__(self, name: str, schema: str, kernels: Kernels, fake: Callable, *, setup: Callable | None = None,
-                 backward: Callable | None = None, double_backward: Callable | str | None = None,
-                 nondifferentiable: Sequence[int] = (), cpp_node: Callable[[], Kernel] | None = None,
-                 cpp_double_backward: Callable | None = None, tags: Sequence[torch.Tag] = ()):
+    def __init__(
+        self,
+        name: str,
+        schema: str,
+        kernels: Kernels,
+        fake: Callable,
+        *,
+        setup: Callable | None = None,
+        backward: Callable | None = None,
+        double_backward: Callable | str | None = None,
+        nondifferentiable: Sequence[int] = (),
+        cpp_node: Callable[[], Kernel] | None = None,
+        cpp_double_backward: Callable | None = None,
+        tags: Sequence[torch.Tag] = (),
+    ):
         self.name = name
         self._kernels = kernels
         self._resolved: dict[str, Kernel] = {"reference": kernels.reference}
@@ -61,7 +72,9 @@ class Op:
         torch.library.impl(qualname, "default", func=self._registered_kernel)
         torch.library.register_fake(qualname, fake)
         if backward is not None:
-            torch.library.register_autograd(qualname, self._autograd_backward, setup_context=self._traced_setup)
+            torch.library.register_autograd(
+                qualname, self._autograd_backward, setup_context=self._traced_setup
+            )
         self.op = getattr(torch.ops.genfast, name).default
         # The dispatcher leaves out trailing arguments at their default (a None generator); kernels take all.
         self._defaults = tuple(a.default_value for a in self.op._schema.arguments)
@@ -102,7 +115,7 @@ class Op:
 
     def _registered_kernel(self, *args):
         # A graph may hand the op non-contiguous tensors; the kernels take contiguous ones.
-        args += self._defaults[len(args):]
+        args += self._defaults[len(args) :]
         out = self.run(backend.select(args[0].device), *args)
         return tuple(out) if isinstance(out, (list, tuple)) else out
 
@@ -125,8 +138,9 @@ class Op:
         return self._backward(ctx, *grads)
 
     def _no_double_backward(self) -> str:
-        return (f"genfast {self.name} has no double backward (backward with create_graph=True)"
-                + (f": {self._double_backward}" if self._double_backward else ""))
+        return f"genfast {self.name} has no double backward (backward with create_graph=True)" + (
+            f": {self._double_backward}" if self._double_backward else ""
+        )
 
 
 _NODE_BACKENDS = ("cpu", "cuda")  # the backends whose eager autograd may be a C++ node
@@ -161,5 +175,8 @@ def _eager_function(op: Op) -> type[torch.autograd.Function]:
         return op._autograd_backward(ctx, *grads)
 
     name = "".join(part.capitalize() for part in op.name.split("_"))
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                     "backward": staticmethod(backward)})
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )

@@ -44,8 +44,11 @@ def _forward_fake(x, weight, bias, act, slope):
 
 def _backward_fake(grad_y, x, weight, saved, act, slope, need_x, need_w, need_b):
     # a distinct empty tensor for each gradient not needed: an op's outputs may not alias
-    return (x.new_empty(x.shape if need_x else 0), weight.new_empty(weight.shape if need_w else 0),
-            weight.new_empty(weight.shape[0] if need_b else 0))
+    return (
+        x.new_empty(x.shape if need_x else 0),
+        weight.new_empty(weight.shape if need_w else 0),
+        weight.new_empty(weight.shape[0] if need_b else 0),
+    )
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -90,16 +93,32 @@ BACKWARD = Op(
     "fused_dense_backward",
     "(Tensor grad_y, Tensor x, Tensor weight, Tensor saved, int act, float slope, bool need_x, bool need_w, "
     "bool need_b) -> (Tensor, Tensor, Tensor)",
-    Kernels(reference=reference.dense_backward, cpu=lambda: _C.dense_backward_cpu,
-            cuda=lambda: _C.dense_backward_cuda, triton=lambda: _triton().dense_backward),
-    _backward_fake)
+    Kernels(
+        reference=reference.dense_backward,
+        cpu=lambda: _C.dense_backward_cpu,
+        cuda=lambda: _C.dense_backward_cuda,
+        triton=lambda: _triton().dense_backward,
+    ),
+    _backward_fake,
+)
 
 FORWARD = Op(
-    "fused_dense", "(Tensor x, Tensor weight, Tensor? bias, int act, float slope) -> (Tensor, Tensor)",
-    Kernels(reference=reference.dense_forward, cpu=lambda: _C.dense_forward_cpu,
-            cuda=lambda: _C.dense_forward_cuda, triton=lambda: _triton().dense_forward),
-    _forward_fake, setup=_setup, backward=_backward, double_backward=_double_backward, nondifferentiable=(1,),
-    cpp_node=lambda: _C.dense_node, cpp_double_backward=_graph_gradients)
+    "fused_dense",
+    "(Tensor x, Tensor weight, Tensor? bias, int act, float slope) -> (Tensor, Tensor)",
+    Kernels(
+        reference=reference.dense_forward,
+        cpu=lambda: _C.dense_forward_cpu,
+        cuda=lambda: _C.dense_forward_cuda,
+        triton=lambda: _triton().dense_forward,
+    ),
+    _forward_fake,
+    setup=_setup,
+    backward=_backward,
+    double_backward=_double_backward,
+    nondifferentiable=(1,),
+    cpp_node=lambda: _C.dense_node,
+    cpp_double_backward=_graph_gradients,
+)
 
 
 def _check_inputs(x, weight, bias) -> None:
@@ -110,16 +129,24 @@ def _check_inputs(x, weight, bias) -> None:
         check_tensor("bias", bias)
     w_shape, x_shape = weight.shape, x.shape
     if len(w_shape) != 2:
-        raise ValueError(f"weight: expected 2 dimensions (out_features, in_features), got shape {tuple(w_shape)}")
+        raise ValueError(
+            f"weight: expected 2 dimensions (out_features, in_features), got shape {tuple(w_shape)}"
+        )
     if not x_shape or x_shape[-1] != w_shape[1]:
-        raise ValueError(f"x: expected shape (..., {w_shape[1]}) to match weight {tuple(w_shape)}, "
-                         f"got {tuple(x_shape)}")
+        raise ValueError(
+            f"x: expected shape (..., {w_shape[1]}) to match weight {tuple(w_shape)}, got {tuple(x_shape)}"
+        )
     if bias is not None:
         check_shape("bias", bias, (w_shape[0],))
 
 
-def fused_dense(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "relu",
-                negative_slope: float = 0.01) -> Tensor:
+def fused_dense(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = "relu",
+    negative_slope: float = 0.01,
+) -> Tensor:
     """y = act(x @ weight^T + bias) in one fused op, forward and backward.
 
     Args:

@@ -39,12 +39,15 @@ def _triton():  # imported on first use: Triton is optional
 
 
 # Why a gradient of these gradients raises, in the error.
-_SAVED_GRADIENT = ("its backward scales a gradient saved by the forward kernel. Where a gradient of a gradient "
-                   "is needed, use the plain PyTorch expressions in genfast.reference.")
+_SAVED_GRADIENT = (
+    "its backward scales a gradient saved by the forward kernel. Where a gradient of a gradient "
+    "is needed, use the plain PyTorch expressions in genfast.reference."
+)
 
 
 # ---------------------------------------------------------------------------------------------------
 # ELBO
+
 
 def _elbo_fake(recon, target, mu, logvar, beta, recon_kind, reduction, target_scale, need_grad):
     shape = (recon.shape[0],) if reduction == _NONE else ()
@@ -70,19 +73,36 @@ def _elbo_gradients(ctx, grad_loss, grad_recon_term, grad_kl_term, *_):
     on_recon = plus(grad_loss, grad_recon_term)
     on_kl = plus(None if grad_loss is None else ctx.beta * grad_loss, grad_kl_term)
     need_recon, _, need_mu, need_logvar = ctx.needs_input_grad[:4]
-    return (_per_sample_times(saved_recon, on_recon) if need_recon else None, None,
-            _per_sample_times(saved_mu, on_kl) if need_mu else None,
-            _per_sample_times(saved_logvar, on_kl) if need_logvar else None, None, None, None, None, None)
+    return (
+        _per_sample_times(saved_recon, on_recon) if need_recon else None,
+        None,
+        _per_sample_times(saved_mu, on_kl) if need_mu else None,
+        _per_sample_times(saved_logvar, on_kl) if need_logvar else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 ELBO = Op(
     "elbo_loss",
     "(Tensor recon, Tensor target, Tensor mu, Tensor logvar, float beta, int recon_kind, int reduction, "
     "float target_scale, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    Kernels(reference=reference.losses_elbo_forward, cpu=lambda: _C.losses_elbo_forward_cpu,
-            cuda=lambda: _C.losses_elbo_forward_cuda, triton=lambda: _triton().losses_elbo_forward),
-    _elbo_fake, setup=_elbo_setup, backward=_elbo_gradients, double_backward=_SAVED_GRADIENT,
-    nondifferentiable=(3, 4, 5), cpp_node=lambda: _C.elbo_node)
+    Kernels(
+        reference=reference.losses_elbo_forward,
+        cpu=lambda: _C.losses_elbo_forward_cpu,
+        cuda=lambda: _C.losses_elbo_forward_cuda,
+        triton=lambda: _triton().losses_elbo_forward,
+    ),
+    _elbo_fake,
+    setup=_elbo_setup,
+    backward=_elbo_gradients,
+    double_backward=_SAVED_GRADIENT,
+    nondifferentiable=(3, 4, 5),
+    cpp_node=lambda: _C.elbo_node,
+)
 
 
 def _check_elbo_inputs(recon, target, mu, logvar) -> None:
@@ -94,13 +114,16 @@ def _check_elbo_inputs(recon, target, mu, logvar) -> None:
     if target.device != recon.device:
         raise ValueError(f"target is on {target.device} but recon is on {recon.device}")
     if target.dtype not in (recon.dtype, torch.uint8, torch.bool):
-        raise TypeError(f"target: expected recon's dtype {recon.dtype}, uint8 (pixels 0..255) or bool, "
-                        f"got {target.dtype}")
+        raise TypeError(
+            f"target: expected recon's dtype {recon.dtype}, uint8 (pixels 0..255) or bool, got {target.dtype}"
+        )
     if target.requires_grad:
         raise ValueError("target: genfast's losses give the target no gradient; pass target.detach()")
     if recon.dim() < 2 or mu.dim() < 2:
-        raise ValueError(f"recon and mu: expected (batch, features...), got shapes {tuple(recon.shape)} and "
-                         f"{tuple(mu.shape)}")
+        raise ValueError(
+            f"recon and mu: expected (batch, features...), got shapes {tuple(recon.shape)} and "
+            f"{tuple(mu.shape)}"
+        )
     if target.shape != recon.shape:
         raise ValueError(f"target: expected recon's shape {tuple(recon.shape)}, got {tuple(target.shape)}")
     if logvar.shape != mu.shape:
@@ -113,10 +136,14 @@ def _number(name: str, value: object) -> float:
     """A finite real number, given as a Python number or a one-element tensor that needs no gradient."""
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name}: expected a real number or a one-element real tensor, got a tensor of shape "
-                            f"{tuple(value.shape)} and dtype {value.dtype}")
+            raise TypeError(
+                f"{name}: expected a real number or a one-element real tensor, got a tensor of shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}"
+            )
         if value.requires_grad:
-            raise ValueError(f"{name}: genfast's losses give {name} no gradient; pass {name}.detach() or a number")
+            raise ValueError(
+                f"{name}: genfast's losses give {name} no gradient; pass {name}.detach() or a number"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{name}: expected a finite real number, got {value!r}")
@@ -134,8 +161,16 @@ def _need_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def elbo_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float = 1.0, recon_loss: str = "bce",
-              reduction: str = "mean", return_terms: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+def elbo_loss(
+    recon: Tensor,
+    target: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    beta: float = 1.0,
+    recon_loss: str = "bce",
+    reduction: str = "mean",
+    return_terms: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """The negative ELBO of a VAE with a diagonal Gaussian posterior, loss and gradient in one pass.
 
     Per sample i: loss_i = r_i + beta * kl_i, with
@@ -173,6 +208,7 @@ def elbo_loss(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: f
 # ---------------------------------------------------------------------------------------------------
 # GAN
 
+
 def _gan_fake(first, second, term0, param0, term1, param1, reduction, need_grad):
     grads = [t.new_empty(t.shape if need_grad else (0,)) for t in (first, second)]
     return (first.new_empty(first.shape if reduction == _NONE else ()), *grads)
@@ -186,18 +222,32 @@ def _gan_gradients(ctx, grad_loss, *_):
     # grad_loss is a scalar or, for "none", one value per element of first (second has its shape then).
     if grad_loss is None:
         return (None,) * 8
-    return tuple(saved * grad_loss if need else None
-                 for saved, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])) + (None,) * 6
+    return (
+        tuple(
+            saved * grad_loss if need else None
+            for saved, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:2])
+        )
+        + (None,) * 6
+    )
 
 
 GAN = Op(
     "gan_loss",
     "(Tensor first, Tensor second, int term0, float param0, int term1, float param1, int reduction, "
     "bool need_grad) -> (Tensor, Tensor, Tensor)",
-    Kernels(reference=reference.losses_gan_forward, cpu=lambda: _C.losses_gan_forward_cpu,
-            cuda=lambda: _C.losses_gan_forward_cuda, triton=lambda: _triton().losses_gan_forward),
-    _gan_fake, setup=_gan_setup, backward=_gan_gradients, double_backward=_SAVED_GRADIENT,
-    nondifferentiable=(1, 2), cpp_node=lambda: _C.gan_node)
+    Kernels(
+        reference=reference.losses_gan_forward,
+        cpu=lambda: _C.losses_gan_forward_cpu,
+        cuda=lambda: _C.losses_gan_forward_cuda,
+        triton=lambda: _triton().losses_gan_forward,
+    ),
+    _gan_fake,
+    setup=_gan_setup,
+    backward=_gan_gradients,
+    double_backward=_SAVED_GRADIENT,
+    nondifferentiable=(1, 2),
+    cpp_node=lambda: _C.gan_node,
+)
 
 
 def _gan_loss(first: Tensor, second: Tensor | None, terms: tuple[Term, Term], reduction: str) -> Tensor:
@@ -214,8 +264,13 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"kind: expected one of {sorted(GAN_KINDS)}, got {kind!r}")
 
 
-def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "nonsaturating",
-                       real_label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
+def discriminator_loss(
+    real_logits: Tensor,
+    fake_logits: Tensor,
+    kind: str = "nonsaturating",
+    real_label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
     """The discriminator's GAN loss on its logits (any shape), loss and gradient in one pass.
 
     With r the real logits, f the fake logits and s = real_label_smoothing, per element:
@@ -240,8 +295,10 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "no
     if real_label_smoothing and not GAN_KINDS[kind].smoothable:
         raise ValueError(f"real_label_smoothing: the {kind!r} loss has no labels to smooth; use 0")
     if reduction == "none" and real_logits.shape != fake_logits.shape:
-        raise ValueError(f"fake_logits: reduction 'none' needs real_logits' shape {tuple(real_logits.shape)}, "
-                         f"got {tuple(fake_logits.shape)}")
+        raise ValueError(
+            f"fake_logits: reduction 'none' needs real_logits' shape {tuple(real_logits.shape)}, "
+            f"got {tuple(fake_logits.shape)}"
+        )
     _check_reduction(reduction, min(real_logits.numel(), fake_logits.numel()), "batch")
     if _route.plain_math(real_logits, fake_logits):
         return reference.discriminator_loss(real_logits, fake_logits, kind, real_label_smoothing, reduction)
@@ -271,6 +328,7 @@ def generator_loss(fake_logits: Tensor, kind: str = "nonsaturating", reduction: 
 # ---------------------------------------------------------------------------------------------------
 # R1
 
+
 def r1_penalty(real_logits: Tensor, real_inputs: Tensor, gamma: float) -> Tensor:
     """StyleGAN2's R1 regularizer: gamma / 2 * E_i[ ||d sum(D(x)) / d x_i||^2 ] over the real inputs.
 
@@ -288,8 +346,10 @@ def r1_penalty(real_logits: Tensor, real_inputs: Tensor, gamma: float) -> Tensor
     check_tensor("real_inputs", real_inputs)
     gamma = _number("gamma", gamma)
     if not real_inputs.requires_grad or real_logits.grad_fn is None:
-        raise ValueError("real_inputs: must require grad before the discriminator runs on them "
-                         "(real_inputs.requires_grad_(); real_logits = D(real_inputs))")
+        raise ValueError(
+            "real_inputs: must require grad before the discriminator runs on them "
+            "(real_inputs.requires_grad_(); real_logits = D(real_inputs))"
+        )
     if real_inputs.shape[0] == 0:
         raise ValueError("real_inputs: the mean over an empty batch is undefined")
     (grad,) = torch.autograd.grad(real_logits.sum(), real_inputs, create_graph=True)

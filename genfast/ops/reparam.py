@@ -45,20 +45,33 @@ def _contiguous_like(t: Tensor) -> Tensor:
 # Backward ops
 
 SAMPLE_BACKWARD = Op(
-    "reparameterize_backward", "(Tensor grad_z, Tensor logvar, Tensor rng_state) -> Tensor",
-    Kernels(reference=reference.reparam_backward, cpu=lambda: _C.reparam_backward_cpu,
-            cuda=lambda: _C.reparam_backward_cuda, triton=lambda: _triton().reparam_backward),
-    lambda grad_z, logvar, rng_state: _contiguous_like(logvar))
+    "reparameterize_backward",
+    "(Tensor grad_z, Tensor logvar, Tensor rng_state) -> Tensor",
+    Kernels(
+        reference=reference.reparam_backward,
+        cpu=lambda: _C.reparam_backward_cpu,
+        cuda=lambda: _C.reparam_backward_cuda,
+        triton=lambda: _triton().reparam_backward,
+    ),
+    lambda grad_z, logvar, rng_state: _contiguous_like(logvar),
+)
 
 KL_BACKWARD = Op(
-    "kl_rows_backward", "(Tensor grad_kl, Tensor mu, Tensor logvar) -> (Tensor, Tensor)",
-    Kernels(reference=reference.kl_backward, cpu=lambda: _C.kl_backward_cpu, cuda=lambda: _C.kl_backward_cuda,
-            triton=lambda: _triton().kl_backward),
-    lambda grad_kl, mu, logvar: (_contiguous_like(mu), _contiguous_like(logvar)))
+    "kl_rows_backward",
+    "(Tensor grad_kl, Tensor mu, Tensor logvar) -> (Tensor, Tensor)",
+    Kernels(
+        reference=reference.kl_backward,
+        cpu=lambda: _C.kl_backward_cpu,
+        cuda=lambda: _C.kl_backward_cuda,
+        triton=lambda: _triton().kl_backward,
+    ),
+    lambda grad_kl, mu, logvar: (_contiguous_like(mu), _contiguous_like(logvar)),
+)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Autograd: one rule per op
+
 
 def _sample_gradients(ctx, grad_z: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """grad_z is None when z took no part in the loss (grads are not materialized): then there is no
@@ -67,7 +80,9 @@ def _sample_gradients(ctx, grad_z: Tensor | None) -> tuple[Tensor | None, Tensor
     logvar, rng_state = ctx.saved_tensors[:2]
     if grad_z is None:
         return None, None
-    grad_logvar = SAMPLE_BACKWARD.run(ctx.backend, grad_z, logvar, rng_state) if ctx.needs_input_grad[1] else None
+    grad_logvar = (
+        SAMPLE_BACKWARD.run(ctx.backend, grad_z, logvar, rng_state) if ctx.needs_input_grad[1] else None
+    )
     return grad_z if ctx.needs_input_grad[0] else None, grad_logvar
 
 
@@ -105,30 +120,59 @@ def _sample_kl_backward(ctx, grad_z, _grad_state, grad_kl):
 
 
 SAMPLE = Op(
-    "reparameterize", "(Tensor mu, Tensor logvar, Generator? generator=None) -> (Tensor, Tensor)",
-    Kernels(reference=reference.reparam_forward, cpu=lambda: _C.reparam_forward_cpu,
-            cuda=lambda: _C.reparam_forward_cuda, triton=lambda: _triton().reparam_forward),
+    "reparameterize",
+    "(Tensor mu, Tensor logvar, Generator? generator=None) -> (Tensor, Tensor)",
+    Kernels(
+        reference=reference.reparam_forward,
+        cpu=lambda: _C.reparam_forward_cpu,
+        cuda=lambda: _C.reparam_forward_cuda,
+        triton=lambda: _triton().reparam_forward,
+    ),
     lambda mu, logvar, generator=None: (_contiguous_like(mu), mu.new_empty(2, dtype=torch.int64)),
-    setup=_setup_sample, backward=_sample_backward, nondifferentiable=(1,), tags=_SEEDED)
+    setup=_setup_sample,
+    backward=_sample_backward,
+    nondifferentiable=(1,),
+    tags=_SEEDED,
+)
 
 KL = Op(
-    "kl_rows", "(Tensor mu, Tensor logvar) -> Tensor",
-    Kernels(reference=reference.kl_forward, cpu=lambda: _C.kl_forward_cpu, cuda=lambda: _C.kl_forward_cuda,
-            triton=lambda: _triton().kl_forward),
+    "kl_rows",
+    "(Tensor mu, Tensor logvar) -> Tensor",
+    Kernels(
+        reference=reference.kl_forward,
+        cpu=lambda: _C.kl_forward_cpu,
+        cuda=lambda: _C.kl_forward_cuda,
+        triton=lambda: _triton().kl_forward,
+    ),
     lambda mu, logvar: mu.new_empty(_rows(mu), dtype=KL_ROWS_DTYPE),
-    setup=_setup_kl, backward=_kl_backward)
+    setup=_setup_kl,
+    backward=_kl_backward,
+)
 
 SAMPLE_KL = Op(
-    "reparameterize_kl", "(Tensor mu, Tensor logvar, Generator? generator=None) -> (Tensor, Tensor, Tensor)",
-    Kernels(reference=reference.reparam_kl_forward, cpu=lambda: _C.reparam_kl_forward_cpu,
-            cuda=lambda: _C.reparam_kl_forward_cuda, triton=lambda: _triton().reparam_kl_forward),
-    lambda mu, logvar, generator=None: (_contiguous_like(mu), mu.new_empty(2, dtype=torch.int64),
-                                        mu.new_empty(_rows(mu), dtype=KL_ROWS_DTYPE)),
-    setup=_setup_sample_kl, backward=_sample_kl_backward, nondifferentiable=(1,), tags=_SEEDED)
+    "reparameterize_kl",
+    "(Tensor mu, Tensor logvar, Generator? generator=None) -> (Tensor, Tensor, Tensor)",
+    Kernels(
+        reference=reference.reparam_kl_forward,
+        cpu=lambda: _C.reparam_kl_forward_cpu,
+        cuda=lambda: _C.reparam_kl_forward_cuda,
+        triton=lambda: _triton().reparam_kl_forward,
+    ),
+    lambda mu, logvar, generator=None: (
+        _contiguous_like(mu),
+        mu.new_empty(2, dtype=torch.int64),
+        mu.new_empty(_rows(mu), dtype=KL_ROWS_DTYPE),
+    ),
+    setup=_setup_sample_kl,
+    backward=_sample_kl_backward,
+    nondifferentiable=(1,),
+    tags=_SEEDED,
+)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Public API
+
 
 def _check_pair(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> None:
     check_tensor("mu", mu)
@@ -142,8 +186,10 @@ def _check_pair(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = 
         if generator.device.type != mu.device.type:
             raise ValueError(f"generator: is a {generator.device.type} generator but mu is on {mu.device}")
         if torch.compiler.is_compiling():
-            raise RuntimeError("generator: torch.compile cannot trace a torch.Generator argument; seed the "
-                               "default generator with torch.manual_seed instead")
+            raise RuntimeError(
+                "generator: torch.compile cannot trace a torch.Generator argument; seed the "
+                "default generator with torch.manual_seed instead"
+            )
 
 
 def _check_kl(mu: Tensor, reduction: str) -> None:
@@ -152,8 +198,10 @@ def _check_kl(mu: Tensor, reduction: str) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
     if reduction == "mean" and _rows(mu) == 0:
-        raise ValueError(f"mu: the mean over an empty batch is undefined (shape {tuple(mu.shape)}); "
-                         "use reduction='sum' or 'none'")
+        raise ValueError(
+            f"mu: the mean over an empty batch is undefined (shape {tuple(mu.shape)}); "
+            "use reduction='sum' or 'none'"
+        )
 
 
 def _reduce(rows: Tensor, mu: Tensor, reduction: str) -> Tensor:
@@ -195,8 +243,9 @@ def kl_divergence(mu: Tensor, logvar: Tensor, reduction: str = "mean") -> Tensor
     return _reduce(KL(mu.contiguous(), logvar.contiguous()), mu, reduction)
 
 
-def reparameterize_kl(mu: Tensor, logvar: Tensor, reduction: str = "mean",
-                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def reparameterize_kl(
+    mu: Tensor, logvar: Tensor, reduction: str = "mean", generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """(reparameterize(mu, logvar), kl_divergence(mu, logvar, reduction)) in one pass over mu and logvar."""
     _check_pair(mu, logvar, generator)
     _check_kl(mu, reduction)

@@ -18,7 +18,19 @@ from genfast.triton._math import exp, log1p, sigmoid
 # Globals read inside kernels must be tl.constexpr for the compiler.
 NONE, RELU, LEAKY_RELU, GELU, GELU_TANH, SILU, SIGMOID, TANH, SOFTPLUS, MISH = (
     tl.constexpr(ACTIVATIONS[n].code)
-    for n in ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "softplus", "mish"))
+    for n in (
+        "none",
+        "relu",
+        "leaky_relu",
+        "gelu",
+        "gelu_tanh",
+        "silu",
+        "sigmoid",
+        "tanh",
+        "softplus",
+        "mish",
+    )
+)
 # What a kernel's SAVES argument means, by Activation.saves.
 SAVES_MASK, SAVES_OUTPUT, SAVES_PREACT = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 SAVES_CODE = {"none": 0, "mask": SAVES_MASK, "output": SAVES_OUTPUT, "preact": SAVES_PREACT}
@@ -37,8 +49,10 @@ def saves_code(act: int) -> int:
 def _tanh(x):
     # Small |x|: odd polynomial (Cephes tanhf), as 1 - 2/(e^2x + 1) would lose all relative precision.
     x2 = x * x
-    poly = ((((-5.70498872745e-3 * x2 + 2.06390887954e-2) * x2 - 5.37397155531e-2) * x2
-             + 1.33314422036e-1) * x2 - 3.33332819422e-1) * x2 * x + x
+    poly = (
+        (((-5.70498872745e-3 * x2 + 2.06390887954e-2) * x2 - 5.37397155531e-2) * x2 + 1.33314422036e-1) * x2
+        - 3.33332819422e-1
+    ) * x2 * x + x
     return tl.where(tl.abs(x) < 0.625, poly, 1.0 - 2.0 / (exp(2.0 * x) + 1.0))
 
 
@@ -48,8 +62,23 @@ def _normal_cdf(z):
     # for all arguments), so the tail z << 0 keeps its relative precision unlike 1 + erf.
     a = tl.abs(z) * 0.7071067811865476
     t = 1.0 / (1.0 + 0.5 * a)
-    p = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * (
-        0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
+    p = -1.26551223 + t * (
+        1.00002368
+        + t
+        * (
+            0.37409196
+            + t
+            * (
+                0.09678418
+                + t
+                * (
+                    -0.18628806
+                    + t
+                    * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))
+                )
+            )
+        )
+    )
     half_erfc = 0.5 * t * exp(p - a * a)
     return tl.where(z > 0, 1.0 - half_erfc, half_erfc)
 

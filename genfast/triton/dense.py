@@ -53,7 +53,9 @@ _TILES = {
 
 def _config(tile: tuple[int, int, int, int, int]) -> triton.Config:
     m, n, k, warps, stages = tile
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+    return triton.Config(
+        {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=warps, num_stages=stages
+    )
 
 
 def _operand_kind(args: dict, precision: str) -> str:
@@ -69,8 +71,9 @@ def _aligned(a: Tensor, b: Tensor, out: Tensor) -> bool:
     """Whether a (M, K) @ b (K, N) -> out loads and stores vectorize as Triton specializes them: every operand
     16-byte aligned, K, N and every stride 1 or divisible by 16 (M only bounds rows: it does not count)."""
     sizes = (a.shape[1], b.shape[1], *a.stride(), *b.stride(), *out.stride())
-    return (all(t.data_ptr() % 16 == 0 for t in (a, b, out))
-            and all(size % 16 == 0 or size == 1 for size in sizes))
+    return all(t.data_ptr() % 16 == 0 for t in (a, b, out)) and all(
+        size % 16 == 0 or size == 1 for size in sizes
+    )
 
 
 def _configs() -> list[triton.Config]:
@@ -92,18 +95,51 @@ def _configs_for_operands(configs: list[triton.Config], named_args: dict, **kwar
 # aligned arguments, read by the autotuner only) and per precision (the dtypes are part of every key): a new
 # batch size within a bucket neither times configs again nor, first seen inside CUDA-graph capture, fails
 # there; an unaligned launch never leaves its small tile to the aligned launches of its bucket.
-@triton.autotune(configs=_configs(),
-                 key=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major", "aligned", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _configs_for_operands})
+@triton.autotune(
+    configs=_configs(),
+    key=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major", "aligned", "PRECISION"],
+    prune_configs_by={"early_config_prune": _configs_for_operands},
+)
 # The tuning keys and the bias flag are plain values, not specialized (Triton would compile a variant per
 # value equal to 1 or divisible by 16).
-@triton.jit(do_not_specialize=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major", "aligned", "has_bias"])
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_grid, stride_am, stride_ak,
-                   stride_bk, stride_bn, stride_cm, stride_cn, row_bytes, slope: tl.float64,
-                   m_bucket, n_bucket, k_bucket, a_k_major, b_k_major, aligned, has_bias, ACT: tl.constexpr,
-                   SAVES: tl.constexpr, PRECISION: tl.constexpr,
-                   ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr):
+@triton.jit(
+    do_not_specialize=["m_bucket", "n_bucket", "k_bucket", "a_k_major", "b_k_major", "aligned", "has_bias"]
+)
+def _matmul_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    bias_ptr,
+    z_ptr,
+    mask_ptr,
+    M,
+    N,
+    K,
+    n_grid,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    row_bytes,
+    slope: tl.float64,
+    m_bucket,
+    n_bucket,
+    k_bucket,
+    a_k_major,
+    b_k_major,
+    aligned,
+    has_bias,
+    ACT: tl.constexpr,
+    SAVES: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """c (M, N) = act(a (M, K) @ b (K, N) + bias) with any strides; z and mask bits written per SAVES.
 
     The grid covers n_grid >= N columns: with a mask, the whole padded mask row.
@@ -145,14 +181,32 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, mask_ptr, M, N, K, n_gr
         bits = tl.reshape(mask_bit(acc, ACT).to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8))
         packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
         byte = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-        tl.store(mask_ptr + rows[:, None] * row_bytes + byte[None, :], packed,
-                 mask=(rows[:, None] < M) & (byte[None, :] < row_bytes))
+        tl.store(
+            mask_ptr + rows[:, None] * row_bytes + byte[None, :],
+            packed,
+            mask=(rows[:, None] < M) & (byte[None, :] < row_bytes),
+        )
 
 
 @triton.jit
-def _dz_kernel(g_ptr, s_ptr, dz_ptr, partial_ptr, M, N, row_bytes, slope: tl.float64,
-               ACT: tl.constexpr, SAVES: tl.constexpr, STORE_DZ: tl.constexpr, REDUCE: tl.constexpr,
-               ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dz_kernel(
+    g_ptr,
+    s_ptr,
+    dz_ptr,
+    partial_ptr,
+    M,
+    N,
+    row_bytes,
+    slope: tl.float64,
+    ACT: tl.constexpr,
+    SAVES: tl.constexpr,
+    STORE_DZ: tl.constexpr,
+    REDUCE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """dz = g * act'(saved) over ROWS rows; the column sums of those rows go to partial[pid_m]."""
     # One grid axis (axis 0 takes 2^31 - 1 programs; axes 1 and 2 only 65535): column block fastest.
     pid = tl.program_id(0).to(tl.int64)
@@ -182,8 +236,16 @@ def _dz_kernel(g_ptr, s_ptr, dz_ptr, partial_ptr, M, N, row_bytes, slope: tl.flo
         tl.store(partial_ptr + pid_m * N + cols, col_sum, mask=cols < N)
 
 
-def _matmul(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, act: int = NONE,
-            slope: float = 0.0, z: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+def _matmul(
+    a: Tensor,
+    b: Tensor,
+    out: Tensor,
+    bias: Tensor | None = None,
+    act: int = NONE,
+    slope: float = 0.0,
+    z: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
     """out = act(a @ b + bias) for 2-D views a (M, K), b (K, N) with any strides; fills z / mask if given."""
     (m, k), n = a.shape, b.shape[1]
     if out.numel() == 0:
@@ -195,16 +257,40 @@ def _matmul(a: Tensor, b: Tensor, out: Tensor, bias: Tensor | None = None, act: 
     acc = math_type(a.dtype)
     saves = SAVES_MASK if mask is not None else SAVES_PREACT if z is not None else 0
     _matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)](
-        a, b, out, out if bias is None else bias, z, mask, m, n, k, cols, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), row_bytes, slope, *map(triton.next_power_of_2, (m, n, k)),
-        int(a.stride(1) == 1), int(b.stride(0) == 1), int(_aligned(a, b, out)),
+        a,
+        b,
+        out,
+        out if bias is None else bias,
+        z,
+        mask,
+        m,
+        n,
+        k,
+        cols,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        row_bytes,
+        slope,
+        *map(triton.next_power_of_2, (m, n, k)),
+        int(a.stride(1) == 1),
+        int(b.stride(0) == 1),
+        int(_aligned(a, b, out)),
         int(bias is not None),
-        ACT=act, SAVES=saves, PRECISION=precision, ACC=acc)
+        ACT=act,
+        SAVES=saves,
+        PRECISION=precision,
+        ACC=acc,
+    )
     return out
 
 
-def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act_code: int,
-                  slope: float) -> tuple[Tensor, Tensor]:
+def dense_forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, act_code: int, slope: float
+) -> tuple[Tensor, Tensor]:
     """y = act(x (M, K) @ weight (N, K)^T + bias (N,)), and aux: mask bits, z, or an empty tensor."""
     m, n = x.shape[0], weight.shape[0]
     y = x.new_empty((m, n))
@@ -216,8 +302,17 @@ def dense_forward(x: Tensor, weight: Tensor, bias: Tensor | None, act_code: int,
     return y, aux
 
 
-def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act_code: int, slope: float,
-                   need_x: bool, need_w: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
+def dense_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    saved: Tensor,
+    act_code: int,
+    slope: float,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """grad_x (M, K), grad_weight (N, K), grad_bias (N,) from dz = grad_y * act'(saved).
 
     Each gradient not needed comes back as an empty tensor of its own (a custom op's outputs may not alias).
@@ -230,12 +325,31 @@ def dense_backward(grad_y: Tensor, x: Tensor, weight: Tensor, saved: Tensor, act
     if (store_dz or need_b) and m * n > 0:
         rows, block_m, block_n = 256, 32, 64
         acc = math_type(x.dtype)
-        partial = x.new_empty((triton.cdiv(m, rows), n), dtype=torch.float64 if acc == tl.float64
-                              else torch.float32) if need_b else None
+        partial = (
+            x.new_empty(
+                (triton.cdiv(m, rows), n), dtype=torch.float64 if acc == tl.float64 else torch.float32
+            )
+            if need_b
+            else None
+        )
         _dz_kernel[(triton.cdiv(m, rows) * triton.cdiv(n, block_n),)](
-            grad_y, saved if saves else None, dz, partial, m, n, mask_row_bytes(n), slope, ACT=act_code,
-            SAVES=saves, STORE_DZ=store_dz, REDUCE=need_b, ACC=acc, ROWS=rows, BLOCK_M=block_m,
-            BLOCK_N=block_n)
+            grad_y,
+            saved if saves else None,
+            dz,
+            partial,
+            m,
+            n,
+            mask_row_bytes(n),
+            slope,
+            ACT=act_code,
+            SAVES=saves,
+            STORE_DZ=store_dz,
+            REDUCE=need_b,
+            ACC=acc,
+            ROWS=rows,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+        )
         if need_b:
             # torch's sum over dim 0 is a fixed-order tree reduction: deterministic.
             grad_b = partial.sum(0).to(x.dtype)

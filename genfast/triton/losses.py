@@ -62,9 +62,29 @@ def _gan_term(x, p, TERM: tl.constexpr):
 
 
 @triton.jit
-def _elbo_row_kernel(x_ptr, t_ptr, mu_ptr, lv_ptr, gx_ptr, gmu_ptr, glv_ptr, loss_ptr, r_ptr, k_ptr, D, L,
-                     beta: tl.float64, t_scale: tl.float64, g_scale: tl.float64, RECON: tl.constexpr, NEED_GRAD: tl.constexpr,
-                     PER_SAMPLE: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+def _elbo_row_kernel(
+    x_ptr,
+    t_ptr,
+    mu_ptr,
+    lv_ptr,
+    gx_ptr,
+    gmu_ptr,
+    glv_ptr,
+    loss_ptr,
+    r_ptr,
+    k_ptr,
+    D,
+    L,
+    beta: tl.float64,
+    t_scale: tl.float64,
+    g_scale: tl.float64,
+    RECON: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    PER_SAMPLE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     """Row pid: its sums r and k (to loss/r/k in the dtype if PER_SAMPLE, else to fp64 r/k), gradients."""
     row = tl.program_id(0).to(tl.int64)
     r_acc = tl.zeros((BLOCK_D,), dtype=tl.float64)  # sums in fp64: eager's accuracy on long rows
@@ -80,8 +100,11 @@ def _elbo_row_kernel(x_ptr, t_ptr, mu_ptr, lv_ptr, gx_ptr, gmu_ptr, glv_ptr, los
             loss, grad = d * d, 2.0 * d
         r_acc += tl.where(inside, loss, 0.0).to(tl.float64)
         if NEED_GRAD:
-            tl.store(gx_ptr + row * D + cols, (grad * math_scalar(g_scale, ACC)).to(gx_ptr.dtype.element_ty),
-                     mask=inside)
+            tl.store(
+                gx_ptr + row * D + cols,
+                (grad * math_scalar(g_scale, ACC)).to(gx_ptr.dtype.element_ty),
+                mask=inside,
+            )
     k_acc = tl.zeros((BLOCK_L,), dtype=tl.float64)
     for j in range(0, L, BLOCK_L):
         cols = j + tl.arange(0, BLOCK_L)
@@ -93,7 +116,9 @@ def _elbo_row_kernel(x_ptr, t_ptr, mu_ptr, lv_ptr, gx_ptr, gmu_ptr, glv_ptr, los
         k_acc += em1 - lv + mu * mu  # 0 outside the row
         if NEED_GRAD:
             tl.store(gmu_ptr + row * L + cols, (mu * g_scale).to(gmu_ptr.dtype.element_ty), mask=inside)
-            tl.store(glv_ptr + row * L + cols, (0.5 * em1 * g_scale).to(glv_ptr.dtype.element_ty), mask=inside)
+            tl.store(
+                glv_ptr + row * L + cols, (0.5 * em1 * g_scale).to(glv_ptr.dtype.element_ty), mask=inside
+            )
     r = tl.sum(r_acc, axis=0)
     k = 0.5 * tl.sum(k_acc, axis=0)
     if PER_SAMPLE:
@@ -106,10 +131,27 @@ def _elbo_row_kernel(x_ptr, t_ptr, mu_ptr, lv_ptr, gx_ptr, gmu_ptr, glv_ptr, los
 
 
 @triton.jit
-def _gan_kernel(x0_ptr, x1_ptr, g0_ptr, g1_ptr, out_ptr, part0_ptr, part1_ptr, N0, N1, p0: tl.float64, p1: tl.float64,
-                c0: tl.float64, c1: tl.float64,
-                TERM0: tl.constexpr, TERM1: tl.constexpr, NEED_GRAD: tl.constexpr, PER_ELEMENT: tl.constexpr,
-                ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _gan_kernel(
+    x0_ptr,
+    x1_ptr,
+    g0_ptr,
+    g1_ptr,
+    out_ptr,
+    part0_ptr,
+    part1_ptr,
+    N0,
+    N1,
+    p0: tl.float64,
+    p1: tl.float64,
+    c0: tl.float64,
+    c1: tl.float64,
+    TERM0: tl.constexpr,
+    TERM1: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    PER_ELEMENT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Block pid of both tensors: gradients, and each element's loss (PER_ELEMENT) or the block's sums."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -128,9 +170,20 @@ def _gan_kernel(x0_ptr, x1_ptr, g0_ptr, g1_ptr, out_ptr, part0_ptr, part1_ptr, N
 
 
 @triton.jit
-def _finish_kernel(a_ptr, b_ptr, n, out0_ptr, out1_ptr, out2_ptr, wa: tl.float64, wb: tl.float64, w1: tl.float64,
-                   w2: tl.float64,
-                   OUTPUTS: tl.constexpr, BLOCK: tl.constexpr):
+def _finish_kernel(
+    a_ptr,
+    b_ptr,
+    n,
+    out0_ptr,
+    out1_ptr,
+    out2_ptr,
+    wa: tl.float64,
+    wb: tl.float64,
+    w1: tl.float64,
+    w2: tl.float64,
+    OUTPUTS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One program: S_a = sum a, S_b = sum b in fp64, index order; out0 = wa S_a + wb S_b and, for three
     outputs, out1 = w1 S_a and out2 = w2 S_b (each term alone: an infinite S_b must not make out1 0 * inf)."""
     sum_a = tl.zeros((BLOCK,), dtype=tl.float64)
@@ -146,17 +199,28 @@ def _finish_kernel(a_ptr, b_ptr, n, out0_ptr, out1_ptr, out2_ptr, wa: tl.float64
         tl.store(out2_ptr, (w2 * s_b).to(out2_ptr.dtype.element_ty))
 
 
-def _finish(a: Tensor, b: Tensor, weights: tuple[float, float], terms: tuple[float, float] | None,
-            dtype: torch.dtype) -> list[Tensor]:
+def _finish(
+    a: Tensor, b: Tensor, weights: tuple[float, float], terms: tuple[float, float] | None, dtype: torch.dtype
+) -> list[Tensor]:
     """[wa sum(a) + wb sum(b)], plus [w1 sum(a), w2 sum(b)] for terms (w1, w2): 0-d tensors in `dtype`."""
     out = [a.new_empty((), dtype=dtype) for _ in range(1 if terms is None else 3)]
-    _finish_kernel[(1,)](a, b, a.numel(), *(out * 3)[:3], *weights, *(terms or (0.0, 0.0)), OUTPUTS=len(out),
-                         BLOCK=_MAX_BLOCK)
+    _finish_kernel[(1,)](
+        a, b, a.numel(), *(out * 3)[:3], *weights, *(terms or (0.0, 0.0)), OUTPUTS=len(out), BLOCK=_MAX_BLOCK
+    )
     return out
 
 
-def losses_elbo_forward(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, beta: float, recon_kind: int,
-                        reduction: int, target_scale: float, need_grad: bool):
+def losses_elbo_forward(
+    recon: Tensor,
+    target: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    beta: float,
+    recon_kind: int,
+    reduction: int,
+    target_scale: float,
+    need_grad: bool,
+):
     (b, d), latent = recon.shape, mu.shape[1]
     per_sample = reduction == _NONE
     g_scale = 1.0 / b if reduction == _MEAN else 1.0
@@ -166,16 +230,42 @@ def losses_elbo_forward(recon: Tensor, target: Tensor, mu: Tensor, logvar: Tenso
     else:
         loss, (r, k) = None, (recon.new_empty(b, dtype=torch.float64) for _ in range(2))
     if b > 0:
-        _elbo_row_kernel[(b,)](recon, target, mu, logvar, *grads, loss, r, k, d, latent, beta, target_scale, g_scale,
-                               RECON=recon_kind, NEED_GRAD=need_grad, PER_SAMPLE=per_sample,
-                               ACC=math_type(recon.dtype), BLOCK_D=_MAX_BLOCK, BLOCK_L=_MAX_BLOCK)
+        _elbo_row_kernel[(b,)](
+            recon,
+            target,
+            mu,
+            logvar,
+            *grads,
+            loss,
+            r,
+            k,
+            d,
+            latent,
+            beta,
+            target_scale,
+            g_scale,
+            RECON=recon_kind,
+            NEED_GRAD=need_grad,
+            PER_SAMPLE=per_sample,
+            ACC=math_type(recon.dtype),
+            BLOCK_D=_MAX_BLOCK,
+            BLOCK_L=_MAX_BLOCK,
+        )
     if not per_sample:
         loss, r, k = _finish(r, k, (g_scale, beta * g_scale), (g_scale, g_scale), recon.dtype)
     return (loss, r, k, *grads)
 
 
-def losses_gan_forward(first: Tensor, second: Tensor, term0: int, param0: float, term1: int, param1: float,
-                       reduction: int, need_grad: bool):
+def losses_gan_forward(
+    first: Tensor,
+    second: Tensor,
+    term0: int,
+    param0: float,
+    term1: int,
+    param1: float,
+    reduction: int,
+    need_grad: bool,
+):
     n0, n1 = first.numel(), second.numel()
     per_element = reduction == _NONE
     scales = [1.0 / n if reduction == _MEAN and n else 1.0 for n in (n0, n1)]
@@ -184,9 +274,24 @@ def losses_gan_forward(first: Tensor, second: Tensor, term0: int, param0: float,
     out = first.new_empty(first.shape) if per_element else None
     partial = [first.new_empty(blocks, dtype=torch.float64) for _ in range(2)]
     if blocks:
-        _gan_kernel[(blocks,)](first, second, *grads, out, *partial, n0, n1, param0, param1, *scales,
-                               TERM0=term0, TERM1=term1, NEED_GRAD=need_grad, PER_ELEMENT=per_element,
-                               ACC=tl.float64, BLOCK=_GAN_BLOCK)
+        _gan_kernel[(blocks,)](
+            first,
+            second,
+            *grads,
+            out,
+            *partial,
+            n0,
+            n1,
+            param0,
+            param1,
+            *scales,
+            TERM0=term0,
+            TERM1=term1,
+            NEED_GRAD=need_grad,
+            PER_ELEMENT=per_element,
+            ACC=tl.float64,
+            BLOCK=_GAN_BLOCK,
+        )
     if not per_element:
         out = _finish(*partial, tuple(scales), None, first.dtype)[0]
     return (out, *grads)

@@ -80,8 +80,13 @@ def _philox_bits(state_ptr, groups):
     seed = tl.load(state_ptr)
     offset = tl.load(state_ptr + 1)
     zero = (groups * 0).to(tl.uint32)
-    return tl.philox(seed, zero + (offset & 0xFFFFFFFF).to(tl.uint32), zero + (offset >> 32).to(tl.uint32),
-                     (groups & 0xFFFFFFFF).to(tl.uint32), (groups >> 32).to(tl.uint32))
+    return tl.philox(
+        seed,
+        zero + (offset & 0xFFFFFFFF).to(tl.uint32),
+        zero + (offset >> 32).to(tl.uint32),
+        (groups & 0xFFFFFFFF).to(tl.uint32),
+        (groups >> 32).to(tl.uint32),
+    )
 
 
 @triton.jit
@@ -101,8 +106,9 @@ def _z(mu, logvar, eps):
 
 
 @triton.jit
-def _sample_kernel(a_ptr, lv_ptr, out_ptr, state_ptr, n, BACKWARD: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _sample_kernel(
+    a_ptr, lv_ptr, out_ptr, state_ptr, n, BACKWARD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
     """Groups [pid BLOCK, (pid + 1) BLOCK): out = a + exp(0.5 lv) eps (a = mu), or with BACKWARD
     out = 0.5 a eps exp(0.5 lv) (a = grad_z)."""
     groups = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -119,8 +125,20 @@ def _sample_kernel(a_ptr, lv_ptr, out_ptr, state_ptr, n, BACKWARD: tl.constexpr,
 
 
 @triton.jit
-def _kl_rows_kernel(mu_ptr, lv_ptr, z_ptr, kl_ptr, state_ptr, rows, cols, steps, SAMPLE: tl.constexpr,
-                    ACC: tl.constexpr, LOG2_WIDTH: tl.constexpr, BLOCK_R: tl.constexpr):
+def _kl_rows_kernel(
+    mu_ptr,
+    lv_ptr,
+    z_ptr,
+    kl_ptr,
+    state_ptr,
+    rows,
+    cols,
+    steps,
+    SAMPLE: tl.constexpr,
+    ACC: tl.constexpr,
+    LOG2_WIDTH: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """Rows [pid BLOCK_R, (pid + 1) BLOCK_R): kl, and z with SAMPLE. Step s of row r covers the groups
     first_r + s WIDTH / 4 + [0, WIDTH / 4), first_r = (r cols) // 4, of which only row r's elements count
     (a group cut by a row boundary is drawn by both rows, each writing its own elements)."""
@@ -150,8 +168,18 @@ def _kl_rows_kernel(mu_ptr, lv_ptr, z_ptr, kl_ptr, state_ptr, rows, cols, steps,
 
 
 @triton.jit
-def _kl_backward_kernel(g_ptr, mu_ptr, lv_ptr, gmu_ptr, glv_ptr, rows, cols, ACC: tl.constexpr,
-                        LOG2_WIDTH: tl.constexpr, BLOCK_R: tl.constexpr):
+def _kl_backward_kernel(
+    g_ptr,
+    mu_ptr,
+    lv_ptr,
+    gmu_ptr,
+    glv_ptr,
+    rows,
+    cols,
+    ACC: tl.constexpr,
+    LOG2_WIDTH: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """Rows [pid BLOCK_R, (pid + 1) BLOCK_R), 2^LOG2_WIDTH columns a step: no per-element division."""
     WIDTH: tl.constexpr = 2**LOG2_WIDTH
     rows_here = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -171,8 +199,9 @@ def _log2(power_of_two: int) -> int:
     return power_of_two.bit_length() - 1
 
 
-def _launch(kernel, programs, rule: tuple[int, int], block: int | None, block_name: str, *args,
-            **constants) -> None:
+def _launch(
+    kernel, programs, rule: tuple[int, int], block: int | None, block_name: str, *args, **constants
+) -> None:
     """kernel over programs(block size) programs, block size and warps by `rule`, or at `block` (tests)."""
     size, warps = rule if block is None else (block, rule[1])
     kernel[(programs(size),)](*args, **constants, **{block_name: size}, num_warps=warps)
@@ -182,12 +211,26 @@ def _sample(a: Tensor, logvar: Tensor, rng_state: Tensor, backward: bool, block:
     out = torch.empty_like(a)
     n = a.numel()
     if n:
-        _launch(_sample_kernel, lambda b: triton.cdiv(n, 4 * b), (_SAMPLE_BLOCK, _SAMPLE_WARPS), block, "BLOCK", a,
-                logvar, out, rng_state, n, BACKWARD=backward, ACC=math_type(a.dtype))
+        _launch(
+            _sample_kernel,
+            lambda b: triton.cdiv(n, 4 * b),
+            (_SAMPLE_BLOCK, _SAMPLE_WARPS),
+            block,
+            "BLOCK",
+            a,
+            logvar,
+            out,
+            rng_state,
+            n,
+            BACKWARD=backward,
+            ACC=math_type(a.dtype),
+        )
     return out
 
 
-def _kl_rows(mu: Tensor, logvar: Tensor, rng_state: Tensor | None, block: int | None) -> tuple[Tensor, Tensor]:
+def _kl_rows(
+    mu: Tensor, logvar: Tensor, rng_state: Tensor | None, block: int | None
+) -> tuple[Tensor, Tensor]:
     """(z or None, kl): the row kernel, sampling when rng_state is given."""
     cols, rows = mu.shape[-1], math.prod(mu.shape[:-1])
     z = torch.empty_like(mu) if rng_state is not None else None
@@ -197,14 +240,30 @@ def _kl_rows(mu: Tensor, logvar: Tensor, rng_state: Tensor | None, block: int | 
         groups = ((4 - math.gcd(cols, 4)) % 4 + cols - 1) // 4 + 1
         groups_w = min(triton.next_power_of_2(groups), 2**_LOG2_MAX_WIDTH // 4)
         log2_width = 2 + _log2(groups_w)
-        _launch(_kl_rows_kernel, lambda b: triton.cdiv(rows, b), _row_block(log2_width, mu.dtype), block,
-                "BLOCK_R", mu, logvar, z, kl, rng_state, rows, cols, triton.cdiv(groups, groups_w),
-                SAMPLE=rng_state is not None, ACC=math_type(mu.dtype), LOG2_WIDTH=log2_width)
+        _launch(
+            _kl_rows_kernel,
+            lambda b: triton.cdiv(rows, b),
+            _row_block(log2_width, mu.dtype),
+            block,
+            "BLOCK_R",
+            mu,
+            logvar,
+            z,
+            kl,
+            rng_state,
+            rows,
+            cols,
+            triton.cdiv(groups, groups_w),
+            SAMPLE=rng_state is not None,
+            ACC=math_type(mu.dtype),
+            LOG2_WIDTH=log2_width,
+        )
     return z, kl
 
 
-def reparam_forward(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None, *,
-                    block: int | None = None) -> tuple[Tensor, Tensor]:
+def reparam_forward(
+    mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None, *, block: int | None = None
+) -> tuple[Tensor, Tensor]:
     """z = mu + exp(0.5 logvar) eps in mu's dtype and the int64 (2,) rng_state (seed, offset) of eps.
 
     mu, logvar: contiguous, same shape, dtype (float16/bfloat16/float32/float64) and device. An empty mu
@@ -216,7 +275,9 @@ def reparam_forward(mu: Tensor, logvar: Tensor, generator: torch.Generator | Non
     return _sample(mu, logvar, rng_state, False, block), rng_state
 
 
-def reparam_backward(grad_z: Tensor, logvar: Tensor, rng_state: Tensor, *, block: int | None = None) -> Tensor:
+def reparam_backward(
+    grad_z: Tensor, logvar: Tensor, rng_state: Tensor, *, block: int | None = None
+) -> Tensor:
     """grad_logvar = 0.5 grad_z eps exp(0.5 logvar) in logvar's dtype, eps drawn again from rng_state."""
     return _sample(grad_z, logvar, rng_state, True, block)
 
@@ -227,20 +288,37 @@ def kl_forward(mu: Tensor, logvar: Tensor, *, block: int | None = None) -> Tenso
     return _kl_rows(mu, logvar, None, block)[1]
 
 
-def kl_backward(grad_kl: Tensor, mu: Tensor, logvar: Tensor, *, block: int | None = None) -> tuple[Tensor, Tensor]:
+def kl_backward(
+    grad_kl: Tensor, mu: Tensor, logvar: Tensor, *, block: int | None = None
+) -> tuple[Tensor, Tensor]:
     """grad_mu = g[r] mu and grad_logvar = 0.5 g[r] expm1(logvar) in mu's dtype, g = grad_kl (rows,)
     float64 rounded to the math type (as the CUDA kernel does)."""
     grad_mu, grad_logvar = torch.empty_like(mu), torch.empty_like(logvar)
     cols, rows = mu.shape[-1], math.prod(mu.shape[:-1])
     if mu.numel():
         log2_width = min(_log2(triton.next_power_of_2(cols)), _LOG2_MAX_WIDTH)
-        _launch(_kl_backward_kernel, lambda b: triton.cdiv(rows, b), _row_block(log2_width, mu.dtype), block,
-                "BLOCK_R", grad_kl, mu, logvar, grad_mu, grad_logvar, rows, cols, ACC=math_type(mu.dtype), LOG2_WIDTH=log2_width)
+        _launch(
+            _kl_backward_kernel,
+            lambda b: triton.cdiv(rows, b),
+            _row_block(log2_width, mu.dtype),
+            block,
+            "BLOCK_R",
+            grad_kl,
+            mu,
+            logvar,
+            grad_mu,
+            grad_logvar,
+            rows,
+            cols,
+            ACC=math_type(mu.dtype),
+            LOG2_WIDTH=log2_width,
+        )
     return grad_mu, grad_logvar
 
 
-def reparam_kl_forward(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None, *,
-                       block: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def reparam_kl_forward(
+    mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None, *, block: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(z, rng_state, kl) in one pass over mu and logvar: z as reparam_forward draws it for rng_state, kl
     with the bits of kl_forward."""
     if mu.numel() == 0:
