@@ -33,12 +33,22 @@ def main() -> None:
         help="start no case after this many seconds; the report lists the cases left out",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="CPU: run every case at each of these torch.set_num_threads counts (e.g. --threads 1 2) and "
+        "report each contender's speed-up from the fewest to the others; default: the current count only",
+    )
+    parser.add_argument(
         "--render",
         metavar="JSON",
         type=Path,
         help="run nothing: rewrite the Markdown and plots of these results (the JSON is left as it is)",
     )
     args = parser.parse_args()
+    if args.threads and (args.device != "cpu" or min(args.threads) < 1):
+        parser.error("--threads: CPU thread counts >= 1, with --device cpu")
     if args.render and not args.render.is_file():
         parser.error(f"--render: no results file {args.render}")
     if args.render:
@@ -51,6 +61,7 @@ def main() -> None:
         out=args.out,
         flush_l2=args.flush_l2,
         time_budget=args.time_budget,
+        threads=args.threads,
     )
     print(f"wrote {path}, its .md and a .png per op family")
 

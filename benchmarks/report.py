@@ -21,15 +21,26 @@ _METHOD = (
     "an overhead case is one call of the op, forward and backward, at a small shape (µs/call from the same "
     "median)."
 )
+_BANDWIDTH = (
+    " % of bandwidth: the least bytes any implementation must read and write for the case, per second of "
+    "the median, over the measured copy bandwidth (bytes read + written per second); a case whose data fits "
+    "the last-level cache can exceed 100%."
+)
 # Figures some families give per contender besides its time: (result key, column unit).
 _PER_CONTENDER = (("steps_per_s", "steps/s"), ("us_per_call", "µs/call"))
 
 
-def write(out: Path, header: dict, rows: list[dict], suffix: str = "") -> Path:
-    """Write the JSON for `header`'s device (+ suffix) into `out`, then its Markdown and plots; return its path."""
+def write(
+    out: Path, header: dict, rows: list[dict], suffix: str = "", thread_scaling: dict | None = None
+) -> Path:
+    """Write the JSON for `header`'s device (+ suffix) into `out`, then its Markdown and plots; return its path.
+    `thread_scaling`: the section ``thread_scaling.scaling`` makes, if the run timed several thread counts."""
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / (slug(header["device"]) + suffix + ".json")
-    json_path.write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+    result = {"header": header, "rows": rows}
+    if thread_scaling is not None:
+        result["thread_scaling"] = thread_scaling
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
     render(json_path)
     return json_path
 
@@ -49,7 +60,11 @@ def render(json_path: Path) -> list[Path]:
             plots[family],
         )
     md = json_path.with_suffix(".md")
-    md.write_text(markdown(header, rows, {family: path.name for family, path in plots.items()}))
+    md.write_text(
+        markdown(
+            header, rows, {family: path.name for family, path in plots.items()}, result.get("thread_scaling")
+        )
+    )
     return [md, *plots.values()]
 
 
@@ -112,6 +127,9 @@ def _provenance(header: dict) -> str:
         f"{when} {'/'.join(f'{v:.1f}' for v in values)}" for when, values in header["load_average"].items()
     )
     settings = header["settings"]
+    copy = settings.get("copy_bytes_per_s")
+    # The yardstick of the memory-bound cases' "% of bandwidth", where they ran.
+    yardstick = f", copy bandwidth {copy / 1e9:.1f} GB/s{_copy_size(settings)}" if copy else ""
     # A quick or time-limited run says so wherever its numbers appear.
     scope = (", quick run (few shapes and repeats)" if settings.get("quick") else "") + (
         f", {len(settings['not_run'])} case(s) not run: the {settings['time_budget_s']:g} s time budget ran out"
@@ -122,8 +140,13 @@ def _provenance(header: dict) -> str:
         f"commit {commit}, {header['date']}, {header['device']}, driver {header['driver'] or 'n/a'}, "
         f"torch {header['torch']}, triton {header['triton'] or 'n/a'}, CUDA {header['cuda'] or 'n/a'}, "
         f"genfast {build['version']} (backends {', '.join(build['backends'])}), "
-        f"{header['threads']} threads, load average (1/5/15 min) {load}{scope}"
+        f"{header['threads']} threads{yardstick}, load average (1/5/15 min) {load}{scope}"
     )
+
+
+def _copy_size(settings: dict) -> str:
+    size = settings.get("copy_size_bytes")
+    return f" (one {size / 2**20:.0f} MiB copy_)" if size else ""
 
 
 def _contenders(rows: list[dict]) -> list[str]:
@@ -136,12 +159,17 @@ def _ms(value: float | None) -> str:
 
 
 def _percent(result: dict | None, key: str) -> str:
-    return f"{100 * result[key]:.0f}%" if result and key in result else "—"
+    if not result or key not in result:
+        return "—"
+    percent = 100 * result[key]
+    return f"{percent:.0f}%" if percent >= 10 else f"{percent:.2g}%"  # two digits: a tiny case's 0.37%
 
 
-def markdown(header: dict, rows: list[dict], plots: dict[str, str] | None = None) -> str:
+def markdown(
+    header: dict, rows: list[dict], plots: dict[str, str] | None = None, thread_scaling: dict | None = None
+) -> str:
     """The results as Markdown, headed by where they came from: the summary per family (linking to `plots`,
-    family -> file name), then one line per case."""
+    family -> file name), then one line per case, then the speed-ups per thread count if `thread_scaling`."""
     on_gpu = header["device_type"] == "cuda"
     lines = [
         f"# genfast benchmarks: {header['device']}",
@@ -157,10 +185,13 @@ def markdown(header: dict, rows: list[dict], plots: dict[str, str] | None = None
         _METHOD.format(
             clock="CUDA events" if on_gpu else "time.perf_counter per call",
             rounds=header["settings"]["timing"]["rounds"],
-        ),
+        )
+        + (_BANDWIDTH if header["settings"].get("copy_bytes_per_s") else ""),
         "",
         *_case_table(rows, on_gpu),
     ]
+    if thread_scaling:
+        lines += ["", "## Thread scaling", "", *_thread_table(thread_scaling)]
     if "gpu_check" in header:  # the `make gpu-check` run these results came from: did every step pass?
         lines += ["", "## gpu-check", "", *gpu_check.summary_lines(header["gpu_check"])]
     return "\n".join(lines) + "\n"
@@ -186,12 +217,8 @@ def _case_table(rows: list[dict], on_gpu: bool) -> list[str]:
         + [f"{n} {unit}" for _, unit in extras for n in names]
         + ratios
         + [f"peak MB ({' / '.join(names)})" if on_gpu else "peak MB"]
-        + (
-            [f"{n} % of {label}" for _, label in fractions for n in genfast_names]
-            + [f"kernels ({' / '.join(names)})"]
-            if on_gpu
-            else []
-        )
+        + [f"{n} % of {label}" for _, label in fractions for n in genfast_names]
+        + ([f"kernels ({' / '.join(names)})"] if on_gpu else [])
     )
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -203,11 +230,48 @@ def _case_table(rows: list[dict], on_gpu: bool) -> list[str]:
             cells.append(
                 " / ".join(f"{results[n]['peak_bytes'] / 2**20:.1f}" if n in results else "—" for n in names)
             )
-            cells += [_percent(results.get(n), key) for key, _ in fractions for n in genfast_names]
+        else:
+            cells.append("n/a (CPU)")
+        cells += [_percent(results.get(n), key) for key, _ in fractions for n in genfast_names]
+        if on_gpu:
             cells.append(
                 " / ".join(str(results[n].get("kernels", "—")) if n in results else "—" for n in names)
             )
-        else:
-            cells.append("n/a (CPU)")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _thread_table(scaling: dict) -> list[str]:
+    """Per case, each contender's speed-up from the fewest threads to each other count, after the copy's."""
+    base, counts = str(scaling["base_threads"]), [str(count) for count in scaling["threads"]]
+    others = counts[1:]
+    names = list(dict.fromkeys(name for case in scaling["cases"] for name in case["speedup"]))
+    columns = ["case"] + [f"{name} {base}→{count}" for count in others for name in names]
+    copy = scaling["copy_bytes_per_s"]
+    copy_line = (
+        "The copy bandwidth, the ceiling of a memory-bound case, "
+        + ", ".join(f"{copy[count] / 1e9:.1f} GB/s at {count}" for count in counts)
+        + " thread(s): "
+        + ", ".join(f"{copy[count] / copy[base]:.2f}x from {base} to {count}" for count in others)
+        + "."
+        if all(copy.get(count) for count in counts)
+        else ""
+    )
+    cells = [
+        [case["case"]]
+        + [
+            f"{case['speedup'][name][count]:.2f}" if count in case["speedup"].get(name, {}) else "—"
+            for count in others
+            for name in names
+        ]
+        for case in scaling["cases"]
+    ]
+    return [
+        f"Speed-up from {base} thread(s) to each other count: median time at {base} / median time at that "
+        f"count ({others[-1]}/{base} is a perfect split). Each case ran at every count in turn, "
+        f"torch.compile compiled again at each. {copy_line}".rstrip(),
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(row) + " |" for row in cells),
+    ]

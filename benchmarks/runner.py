@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import genfast
-from benchmarks import environment, report, timing
+from benchmarks import environment, report, thread_scaling, timing
 from benchmarks.cases import FAMILIES
 
 
@@ -25,11 +25,16 @@ def run(
     out: str | os.PathLike = "benchmarks/results",
     flush_l2: bool = False,
     time_budget: float | None = None,
+    threads: Sequence[int] | None = None,
 ) -> Path:
     """Benchmark the families `cases` on `device`; write <out>/<device>.json/.md/-<family>.png; return the JSON path.
 
     With `time_budget` (seconds), no case starts once that much time has passed since the call: the cases
     left out are listed in the results (``settings.not_run``), and if none ran nothing is written.
+
+    With `threads` (CPU only), every case runs at each of these ``torch.set_num_threads`` counts: the results'
+    rows are those at the largest, and ``thread_scaling`` holds the rest and each contender's speed-up from
+    the fewest threads to each other count. Without, the cases run at the current count.
 
     Example: ``benchmarks.run(device="cpu", cases=["dense"], quick=True, out="/tmp/bench")``.
     """
@@ -38,6 +43,9 @@ def run(
     unknown = sorted(set(cases) - set(FAMILIES))
     if unknown:
         raise ValueError(f"cases: unknown families {unknown}; expected some of {sorted(FAMILIES)}")
+    if threads and dev.type != "cpu":
+        raise ValueError(f"threads: CPU thread counts, but the device is {dev.type}")
+    counts = thread_scaling.counts(threads)
     config = timing.QUICK if quick else timing.FULL
     selected = [
         (FAMILIES[name], case)
@@ -46,31 +54,48 @@ def run(
     ]
     _warn_if_busy()
     rates = _matmul_rates(dev, {case.dtype for _, case in selected if case.flops}, config)
-    bandwidth = _bandwidth(dev, any(hasattr(case, "bytes") for _, case in selected), config)
+    memory_bound = any(hasattr(case, "bytes") for _, case in selected)
+    bandwidths = {}
+    for count in counts:
+        with thread_scaling.num_threads(count):
+            bandwidths[count] = _bandwidth(dev, memory_bound, config)
     settings = {
         "quick": quick,
         "flush_l2": flush_l2,
         "timing": dataclasses.asdict(config),
         "matmul_flops_per_s": rates,
-        "copy_bytes_per_s": bandwidth,
+        "copy_bytes_per_s": bandwidths[counts[-1]],
+        "copy_size_bytes": timing.copy_size(dev) if memory_bound else None,
         "time_budget_s": time_budget,
+        "thread_counts": counts if threads else None,
     }
-    header = environment.header(dev, settings)  # before the run: the commit and build that it timed
-    rows, not_run = [], []
+    with thread_scaling.num_threads(counts[-1]):
+        header = environment.header(dev, settings)  # before the run: the commit and build that it timed
+    rows_by_count: dict[int | None, list[dict]] = {count: [] for count in counts}
+    not_run = []
     progress = tqdm(selected, desc=f"benchmarks ({dev.type})", unit="case")
     for family, case in progress:
         if time_budget is not None and time.monotonic() - start > time_budget:
             not_run.append(case.name)  # `make gpu-check` must end in time: a shorter, honest report
             continue
         progress.set_postfix_str(case.name)
-        rows.append(_row(family, case, dev, config, flush_l2, rates, bandwidth))
+        for count in counts:
+            with thread_scaling.num_threads(count):
+                if len(counts) > 1:
+                    # Inductor's C++ kernels fix their thread count when compiled, and Dynamo does not guard
+                    # on it: torch.compile's contender is compiled again at each count.
+                    torch._dynamo.reset()
+                row = _row(family, case, dev, config, flush_l2, rates, bandwidths[count])
+                rows_by_count[count].append({**row, "threads": torch.get_num_threads()})
+    rows = rows_by_count[counts[-1]]
     if not_run and not rows:
         raise RuntimeError(f"time_budget: {time_budget} s ran out before the first case; nothing written")
     settings["not_run"] = not_run
     header["load_average"] = {"start": header["load_average"], "end": os.getloadavg()}
+    scaling = thread_scaling.scaling(rows_by_count, bandwidths) if len(counts) > 1 else None
     # A run of some families only gets its own files, leaving the whole suite's results in place.
     suffix = "" if set(cases) == set(FAMILIES) else "-" + "-".join(sorted(set(cases)))
-    return report.write(Path(out), header, rows, suffix)
+    return report.write(Path(out), header, rows, suffix, scaling)
 
 
 def _warn_if_busy() -> None:
@@ -92,9 +117,9 @@ def _matmul_rates(device: torch.device, dtypes: set[str], config: timing.TimingC
 
 
 def _bandwidth(device: torch.device, wanted: bool, config: timing.TimingConfig) -> float | None:
-    """GPU only: the measured copy bandwidth (bytes read + written per second), the yardstick of the
-    memory-bound cases (those with a ``bytes`` figure)."""
-    return timing.copy_bandwidth(device, config) if wanted and device.type == "cuda" else None
+    """The measured copy bandwidth (bytes read + written per second), the yardstick of the memory-bound
+    cases (those with a ``bytes`` figure); None if no case needs it."""
+    return timing.copy_bandwidth(device, config) if wanted else None
 
 
 def _row(

@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 
 benchmarks = pytest.importorskip("benchmarks")
 pytest.importorskip("matplotlib", reason="the suite plots its results with matplotlib")
@@ -56,6 +57,32 @@ def test_quick_cpu_run_writes_json_markdown_and_plot(tmp_path, family):
             assert ratio == pytest.approx(medians[baseline] / medians[ours])
     assert path.with_suffix(".md").read_text().count("\n|") >= len(result["rows"])
     assert png_size(family_plots(path, {family})[family]) > (100, 100)
+    assert_bandwidth_fractions(path, family)
+
+
+def assert_bandwidth_fractions(path: Path, family: str) -> None:
+    """A family with memory-bound cases (a ``bytes`` figure): the run measured the CPU's copy bandwidth, named
+    it in the header line, and gave each contender of those cases its fraction of it, in the JSON and, for
+    genfast, in the Markdown; any other family: none of it."""
+    from benchmarks.cases import FAMILIES
+
+    result = json.loads(path.read_text())
+    settings, rows = result["header"]["settings"], result["rows"]
+    memory_bound = hasattr(FAMILIES[family].QUICK_CASES["cpu"][0], "bytes")
+    markdown = path.with_suffix(".md").read_text()
+    columns = next(line for line in markdown.splitlines() if line.startswith("| case |"))
+    if not memory_bound:
+        assert settings["copy_bytes_per_s"] is None and "% of bandwidth" not in columns
+        return
+    bandwidth = settings["copy_bytes_per_s"]
+    assert bandwidth > 0 and settings["copy_size_bytes"] >= 128 << 20
+    assert f"copy bandwidth {bandwidth / 1e9:.1f} GB/s" in markdown.splitlines()[2]
+    assert "| genfast:cpu % of bandwidth |" in columns
+    cases = {case.name: case for case in FAMILIES[family].QUICK_CASES["cpu"]}
+    for row in rows:
+        for result in row["results"].values():
+            expected = cases[row["case"]].bytes / (result["median_ms"] / 1e3) / bandwidth
+            assert result["bandwidth_fraction"] == pytest.approx(expected)
 
 
 def test_overhead_family_gives_each_op_per_call_in_microseconds_against_eager(tmp_path, monkeypatch):
@@ -83,6 +110,55 @@ def test_overhead_family_gives_each_op_per_call_in_microseconds_against_eager(tm
         line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| case |")
     )
     assert "| genfast:auto µs/call |" in columns and "| eager µs/call |" in columns
+
+
+def test_thread_option_runs_each_case_at_each_count_and_reports_the_speed_up(tmp_path, monkeypatch):
+    from benchmarks import runner, timing
+    from benchmarks.cases import reparam
+
+    tiny = timing.TimingConfig(warmup=1, min_time=0.0, max_time=0.01, min_repeats=3, max_repeats=5, rounds=1)
+    monkeypatch.setattr(timing, "QUICK", tiny)
+    monkeypatch.setitem(reparam.QUICK_CASES, "cpu", (reparam.ReparamCase("kl", 128, 20, "float32", "both"),))
+    monkeypatch.setattr(
+        timing, "copy_size", lambda device: 8 << 20
+    )  # the yardstick's size is not tested here
+    before = torch.get_num_threads()
+    path = runner.run(device="cpu", cases=["reparam"], quick=True, out=tmp_path, threads=[2, 1])
+    assert torch.get_num_threads() == before
+    result = json.loads(path.read_text())
+    header, rows, scaling = result["header"], result["rows"], result["thread_scaling"]
+    assert header["threads"] == 2 and header["settings"]["thread_counts"] == [1, 2]
+    assert [row["threads"] for row in rows] == [2] and [row["threads"] for row in scaling["rows"]] == [1]
+    assert scaling["threads"] == [1, 2] and scaling["base_threads"] == 1
+    assert all(scaling["copy_bytes_per_s"][count] > 0 for count in ("1", "2"))
+    (case,) = scaling["cases"]
+    assert case["case"] == rows[0]["case"] == "kl 128x20 fp32 both"
+    one, two = scaling["rows"][0]["results"], rows[0]["results"]
+    assert set(case["speedup"]) == set(two) and {"genfast:cpu", "eager", "compile"} <= set(two)
+    for name, speedup in case["speedup"].items():
+        assert speedup == {"2": pytest.approx(one[name]["median_ms"] / two[name]["median_ms"])}
+    markdown = path.with_suffix(".md").read_text()
+    section = markdown.split("\n## Thread scaling\n")[1].splitlines()
+    columns = next(line for line in section if line.startswith("| case |"))
+    assert columns == "| case | genfast:cpu 1→2 | eager 1→2 | compile 1→2 |"
+    line = next(line for line in section if line.startswith("| kl 128x20 fp32 both |"))
+    assert (
+        line
+        == "| kl 128x20 fp32 both | "
+        + " | ".join(f"{case['speedup'][name]['2']:.2f}" for name in ("genfast:cpu", "eager", "compile"))
+        + " |"
+    )
+    assert "GB/s at 1, " in next(line for line in section if line)  # the copy bandwidth per count
+
+
+def test_thread_counts_are_for_the_cpu_and_at_least_one():
+    from benchmarks import thread_scaling
+
+    assert thread_scaling.counts(None) == [None] and thread_scaling.counts([4, 1, 2, 1]) == [1, 2, 4]
+    with pytest.raises(ValueError, match="threads"):
+        thread_scaling.counts([0, 1])
+    with pytest.raises(ValueError, match="threads: CPU"):
+        benchmarks.run(device="cuda", cases=["reparam"], quick=True, threads=[1, 2])
 
 
 def _row(family: str, case: str, ratios: dict[str, float]) -> dict:
