@@ -1,6 +1,6 @@
 // Vectorized helpers of the CPU kernels (dense, losses, reparam): the activations' math functions on
-// Vectorized lanes, conversion to the math type in small buffers, lane-wise sums in double, and the
-// Gaussian KL of one row with its gradient.
+// Vectorized lanes, conversion to the math type in small buffers, lane-wise sums (in double, or compensated
+// in the math type), and the Gaussian KL of one row with its gradient.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -99,46 +99,48 @@ class Fp64Sum {
   double rest_ = 0;
 };
 
-// expm1 of len values of lv into out (double): in the math type of scalar_t (fp32 SLEEF vectors, 8 lanes,
-// for float16/bfloat16/float32: a third of the double version's cost, within 1 ulp of fp32), in double
-// for double.
-template <typename scalar_t>
-void expm1_into(const scalar_t* lv, double* out, int64_t len) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using V = Vectorized<acc_t>;
-  acc_t lbuf[kChunk], ebuf[kChunk];
-  const acc_t* ls = as_math(lv, lbuf, len, acc_t(1));
-  acc_t* es = std::is_same_v<acc_t, double> ? reinterpret_cast<acc_t*>(out) : ebuf;
-  for (int64_t j = 0; j < len; j += V::size()) {
-    const int64_t m = std::min<int64_t>(V::size(), len - j);
-    V::loadu(ls + j, m).expm1().store(es + j, m);
+// Kahan sums of vectors, lane by lane, in the vectors' type: close to double sums at the full width of
+// the math type (fp32 lanes are twice as many as double ones). total() adds the lanes in double.
+// (No -ffast-math here: it would optimise the compensation away.)
+template <typename V>
+class CompensatedSum {
+ public:
+  void add(const V& v) {
+    const V y = v - carry_;
+    const V t = sum_ + y;
+    carry_ = (t - sum_) - y;
+    sum_ = t;
   }
-  if constexpr (!std::is_same_v<acc_t, double>) at::vec::convert(ebuf, out, len);
-}
+  double total() const { return lanes_sum(sum_) - lanes_sum(carry_); }
+
+ private:
+  V sum_{0}, carry_{0};
+};
 
 // KL(N(mu, exp(logvar)) || N(0, I)) of one row; its gradient times gscale goes to gmu, glv (if given).
-// expm1(logvar) (exp(logvar) - 1 without cancellation near logvar = 0) in the math type, the rest of
-// each term and the sum in double: fp32 terms and sums would leave a scalar KL's last bit to chance.
+// Terms expm1(logvar) - logvar + mu^2 (expm1: exp(logvar) - 1 without cancellation near logvar = 0) in the
+// math type (fp32 for float16/bfloat16/float32), summed with compensation: one pass over the row at the
+// full vector width.
 template <typename scalar_t>
 double kl_row(const scalar_t* mu, const scalar_t* lv, scalar_t* gmu, scalar_t* glv, int64_t n, double gscale) {
-  using V = Vectorized<double>;
-  double mbuf[kChunk], lbuf[kChunk], ebuf[kChunk], gmbuf[kChunk], glbuf[kChunk];
-  const V vg(gscale), half(0.5);
-  Fp64Sum sum;
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vectorized<acc_t>;
+  acc_t mbuf[kChunk], lbuf[kChunk], gmbuf[kChunk], glbuf[kChunk];
+  const V vg(static_cast<acc_t>(gscale)), vg_half(static_cast<acc_t>(0.5 * gscale));
+  CompensatedSum<V> sum;
   for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
     const int64_t len = std::min(kChunk, n - j0);
-    const double* ms = as_math(mu + j0, mbuf, len, 1.0);
-    const double* ls = as_math(lv + j0, lbuf, len, 1.0);
-    expm1_into(lv + j0, ebuf, len);
-    double* gm = grad_slot<double>(gmu ? gmu + j0 : nullptr, gmbuf);
-    double* gl = grad_slot<double>(glv ? glv + j0 : nullptr, glbuf);
+    const acc_t* ms = as_math(mu + j0, mbuf, len, acc_t(1));
+    const acc_t* ls = as_math(lv + j0, lbuf, len, acc_t(1));
+    acc_t* gm = grad_slot<acc_t>(gmu ? gmu + j0 : nullptr, gmbuf);
+    acc_t* gl = grad_slot<acc_t>(glv ? glv + j0 : nullptr, glbuf);
     for (int64_t j = 0; j < len; j += V::size()) {
       const int64_t m = std::min<int64_t>(V::size(), len - j);
-      const V mv = V::loadu(ms + j, m), lvv = V::loadu(ls + j, m), em1 = V::loadu(ebuf + j, m);
+      const V mv = V::loadu(ms + j, m), lvv = V::loadu(ls + j, m), em1 = lvv.expm1();
       sum.add(em1 - lvv + mv * mv);  // tail lanes: 0 - 0 + 0 = 0
       if (gm) {
         (vg * mv).store(gm + j, m);
-        (vg * half * em1).store(gl + j, m);
+        (vg_half * em1).store(gl + j, m);
       }
     }
     store_grad(gmbuf, gmu ? gmu + j0 : nullptr, len);

@@ -6,8 +6,8 @@
 // ulp). The noise is a function of the element index alone, so neither the thread count nor the cut of the work changes
 // a bit. Seed: one random64() draw from the CPU generator, under its lock; offset 0.
 //
-// Math in the math type (fp32, fp64 for fp64). KL: kl_row of common/cpu_math.h (terms and sum in
-// double, each row in index order); long rows are not split (one thread a row).
+// Math in the math type (fp32, fp64 for fp64). KL: kl_row of common/cpu_math.h (terms in the math type,
+// compensated lane sums, each row in index order); long rows are not split (one thread a row).
 // Bytes (e per element, n elements, r rows): forward reads 2en, writes en; backward reads 2en, writes
 // en; kl_forward reads 2en, writes 8r; kl_backward reads 2en + 8r, writes 2en.
 #include <ATen/CPUGeneratorImpl.h>

@@ -26,10 +26,12 @@ from genfast.activations import mask_row_bytes
 from genfast.triton._math import INTERPRETED, math_scalar, math_type
 from genfast.triton.activations import (
     LEAKY_RELU,
+    MISH,
     NONE,
     SAVES_MASK,
     SAVES_OUTPUT,
     SAVES_PREACT,
+    SOFTPLUS,
     act_derivative,
     act_forward,
     mask_bit,
@@ -42,9 +44,13 @@ from genfast.triton.activations import (
 # tiles are small enough for sm_80's 163 KB of shared memory at 3 stages. tests/test_triton_compiled.py
 # compiles each for sm_80 and sm_90 and checks both. Operands with a size or stride not divisible by 16
 # (loads that cannot be vectorized or copied asynchronously) spilled at those tiles: they take one small
-# tile, by rule.
+# tile, by rule. The longest epilogues (softplus's log1p, mish) hold more temporaries a value: with MMA
+# operands they take tiles of 8 warps (32 accumulator registers a thread but for the largest), as the 4-warp
+# 4-stage ones spilled on sm_90.
+_HEAVY_EPILOGUES = (SOFTPLUS.value, MISH.value)
 _TILES = {
     "mma": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
+    "mma_heavy_epilogue": [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)],
     "ieee": [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)],  # FMA: operands in registers too
     "fp64": [(64, 64, 16, 8, 3), (32, 64, 16, 4, 3)],
     "unaligned": [(64, 64, 16, 4, 3)],
@@ -58,13 +64,15 @@ def _config(tile: tuple[int, int, int, int, int]) -> triton.Config:
     )
 
 
-def _operand_kind(args: dict, precision: str) -> str:
+def _operand_kind(args: dict, precision: str, act: int) -> str:
     dtype = args["a_ptr"].dtype
     if dtype == torch.float64:
         return "fp64"
     if not args["aligned"]:
         return "unaligned"
-    return "ieee" if dtype == torch.float32 and precision == "ieee" else "mma"
+    if dtype == torch.float32 and precision == "ieee":
+        return "ieee"
+    return "mma_heavy_epilogue" if act in _HEAVY_EPILOGUES else "mma"
 
 
 def _aligned(a: Tensor, b: Tensor, out: Tensor) -> bool:
@@ -87,7 +95,8 @@ def _configs_for_operands(configs: list[triton.Config], named_args: dict, **kwar
     """The autotuner's candidates for this launch: the tiles of its operand kind."""
     if len(configs) == 1:  # the interpreter's
         return configs
-    tiles = {_config(tile) for tile in _TILES[_operand_kind(named_args, kwargs["PRECISION"])]}
+    kind = _operand_kind(named_args, kwargs["PRECISION"], kwargs["ACT"])
+    tiles = {_config(tile) for tile in _TILES[kind]}
     return [config for config in configs if config in tiles]
 
 
@@ -323,7 +332,8 @@ def dense_backward(
     dz = grad_y.new_empty((m, n)) if store_dz else grad_y  # dz is grad_y itself for "none"
     grad_b = x.new_zeros(n) if need_b else x.new_empty(0)
     if (store_dz or need_b) and m * n > 0:
-        rows, block_m, block_n = 256, 32, 64
+        # fp64 takes half the rows a step: mish's derivative on 32 x 64 fp64 values spilled (255 registers).
+        rows, block_m, block_n = 256, 16 if x.dtype == torch.float64 else 32, 64
         acc = math_type(x.dtype)
         partial = (
             x.new_empty(
