@@ -8,6 +8,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 
 namespace genfast {
@@ -101,7 +102,8 @@ class Fp64Sum {
 
 // Kahan sums of vectors, lane by lane, in the vectors' type: close to double sums at the full width of
 // the math type (fp32 lanes are twice as many as double ones). total() adds the lanes in double.
-// (No -ffast-math here: it would optimise the compensation away.)
+// (No -ffast-math here: it would optimise the compensation away.) An infinite term makes the carry NaN
+// (inf - inf): a plain sum beside it gives the total then, inf or NaN as eager's sum would.
 template <typename V>
 class CompensatedSum {
  public:
@@ -110,11 +112,15 @@ class CompensatedSum {
     const V t = sum_ + y;
     carry_ = (t - sum_) - y;
     sum_ = t;
+    plain_ = plain_ + v;
   }
-  double total() const { return lanes_sum(sum_) - lanes_sum(carry_); }
+  double total() const {
+    const double plain = lanes_sum(plain_);
+    return std::isfinite(plain) ? lanes_sum(sum_) - lanes_sum(carry_) : plain;
+  }
 
  private:
-  V sum_{0}, carry_{0};
+  V sum_{0}, carry_{0}, plain_{0};
 };
 
 // KL(N(mu, exp(logvar)) || N(0, I)) of one row; its gradient times gscale goes to gmu, glv (if given).

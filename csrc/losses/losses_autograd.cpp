@@ -26,8 +26,12 @@ void refuse_double_backward(const char* op) {
   TORCH_CHECK(false, why);
 }
 
-// saved * factor: factor a scalar, or one value per row of saved (reduction "none").
+// saved * factor: factor a scalar, or one value per row of saved (reduction "none"). A CPU scalar factor of
+// exactly 1 (loss.backward() of the loss itself, the common case) returns saved as it is: the product would
+// be a copy of it, one more pass over the largest gradient. (A gradient changed in place then fails a
+// retained graph's second backward loudly, through the saved tensor's version counter.)
 at::Tensor per_sample_times(const at::Tensor& saved, const at::Tensor& factor) {
+  if (factor.dim() == 0 && factor.is_cpu() && factor.item<double>() == 1.0) return saved;
   if (factor.dim() == 0) return saved * factor;
   std::vector<int64_t> shape(saved.dim(), 1);
   shape[0] = -1;
@@ -100,7 +104,9 @@ struct GanLoss : public torch::autograd::Function<GanLoss> {
     if (!grads[0].defined()) return result;
     const variable_list saved = ctx->get_saved_variables();
     for (size_t i = 0; i < 2; ++i) {
-      if (ctx->needs_input_grad(i)) result[i] = saved[i] * grads[0];
+      // A scalar grad_loss, or ("none") one value per element, of saved's shape.
+      if (ctx->needs_input_grad(i))
+        result[i] = grads[0].dim() == 0 ? per_sample_times(saved[i], grads[0]) : saved[i] * grads[0];
     }
     return result;
   }

@@ -1,8 +1,9 @@
 // CPU backend of the fused losses (contract and math in losses.h).
 // One vectorized pass: each row (ELBO) or block of elements (GAN) computes its loss terms and writes
-// their gradients. Terms are computed in the math type and summed in double (Fp64Sum: as accurate as
-// eager's cascade sums, which a plain fp32 sum over a long row is not); rows and blocks are fixed units
-// of work, summed in index order at the end, so the bits never depend on the number of threads.
+// their gradients. Terms are computed in the math type and summed with compensation in the math type (BCE,
+// KL) or in double (MSE, GAN): as accurate as eager's cascade sums, which a plain fp32 sum over a long row
+// is not; rows and blocks are fixed units of work, summed in index order at the end, so the bits never
+// depend on the number of threads.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -92,7 +93,7 @@ double bce_row(const scalar_t* x, const target_t* t, scalar_t* grad, int64_t n, 
   using V = Vectorized<acc_t>;
   acc_t xbuf[kChunk], tbuf[kChunk], gbuf[kChunk];
   const V vg(static_cast<acc_t>(gscale));
-  Fp64Sum sum;
+  CompensatedSum<V> sum;  // fp32 lanes, as accurate as double ones here and twice as many a vector
   for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
     const int64_t len = std::min(kChunk, n - j0);
     const acc_t* xs = as_math(x + j0, xbuf, len, acc_t(1));
