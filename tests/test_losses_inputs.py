@@ -551,3 +551,28 @@ def test_an_infinite_term_leaves_the_other_term_finite(backend):
     expected = reference.elbo_terms(recon.double(), target.double(), mu.double(), logvar.double())
     assert torch.isfinite(r) and k == float("inf") and loss == float("inf")
     torch.testing.assert_close(r, expected[1].float())
+
+
+@pytest.mark.parametrize("loss", ["elbo", "generator"])
+def test_a_retained_graph_backward_twice_accumulates_the_same_gradient(loss):
+    """The cpu nodes hand back the saved gradient itself when grad_output is exactly 1: a second backward
+    of a retained graph must still give the same gradient, and a gradient changed in place must make it
+    fail loudly (the saved tensor's version counter), never return the changed values."""
+    require_backend("cpu", "cpu")
+    if loss == "elbo":
+        recon, target, mu, logvar = elbo_args(6, 10, 3)
+        leaves = [t.requires_grad_() for t in (recon, mu, logvar)]
+        out = genfast.elbo_loss(recon, target, mu, logvar)
+    else:
+        leaves = [torch.randn(6, 1, requires_grad=True)]
+        out = genfast.generator_loss(leaves[0])
+    out.backward(retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    out.backward(retain_graph=True)
+    for t, g in zip(leaves, first):
+        assert torch.equal(t.grad, 2 * g)
+    (grad,) = torch.autograd.grad(out, leaves[0], retain_graph=True)
+    assert torch.equal(grad, first[0])
+    grad.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, leaves[0])
