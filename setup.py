@@ -45,11 +45,57 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
-def cpu_vector_flags() -> list[str]:
-    """x86-64: the CPU kernels use ATen's AVX2 vectors (genfast refuses to load _C on a CPU without)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+# Each CPU kernel file (csrc/*/*_cpu.cpp) is compiled once per capability, with these flags; the loader
+# picks the best this CPU has (csrc/common/cpu_capability.h; GENFAST_CPU_CAPABILITY pins one). The rest
+# of the extension is compiled at baseline. x86-64 only: elsewhere the DEFAULT variant alone.
+CPU_VARIANTS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],  # ATen's
+}
+
+
+def cpu_variants() -> dict[str, list[str]]:
+    """Capability -> compile flags of the kernel files' variants built on this machine's architecture."""
+    names = ["DEFAULT", "AVX2", "AVX512"] if platform.machine() in ("x86_64", "AMD64") else ["DEFAULT"]
+    return {
+        name: CPU_VARIANTS[name] + [f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"] for name in names
+    }
+
+
+def cpu_kernel_sources() -> list[str]:
+    return sorted(glob.glob("csrc/*/*_cpu.cpp"))
+
+
+class BuildVariants(BuildExtension):
+    """BuildExtension that compiles the CPU kernel files once per capability (cpu_variants()), each variant
+    into its own directory of build_temp (its own ninja file: incremental rebuilds work), and links all
+    of them. One set of extra_compile_args serves every source of an Extension, hence this subclass.
+    Link order: baseline objects, then DEFAULT, AVX2, AVX512: where the variants share an inline function
+    of PyTorch's headers, the linker keeps the first copy, the baseline or DEFAULT one."""
+
+    def build_extension(self, ext):
+        kernels = [s for s in ext.sources if s in cpu_kernel_sources()]
+        ext.sources = [s for s in ext.sources if s not in kernels]
+        cxx = (
+            ext.extra_compile_args["cxx"]
+            if isinstance(ext.extra_compile_args, dict)
+            else ext.extra_compile_args
+        )
+        objects = []
+        for name, flags in cpu_variants().items():
+            objects += self.compiler.compile(
+                kernels,
+                output_dir=os.path.join(self.build_temp, f"cpu_{name.lower()}"),
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs=list(cxx) + flags,
+                depends=ext.depends,
+            )
+        ext.extra_objects = objects + list(ext.extra_objects or [])
+        ext.depends = list(ext.depends) + kernels  # setuptools relinks only when a source is newer than _C
+        super().build_extension(ext)
 
 
 def openmp_flags() -> list[str]:
@@ -70,7 +116,7 @@ def extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = ["csrc/genfast.cpp"] + sorted(glob.glob("csrc/*/*.cpp"))
     macros = [("GENFAST_TORCH_VERSION", f'"{torch.__version__}"')]
-    args = {"cxx": opt + cpu_vector_flags() + openmp_flags()}  # -std is PyTorch's choice (C++17 or C++20)
+    args = {"cxx": opt + openmp_flags()}  # -std is PyTorch's choice (C++17 or C++20)
     if not cuda:
         print("genfast build: CPU-only extension", file=sys.stderr)
         return CppExtension(
@@ -120,5 +166,5 @@ setup(
     version=local_version(),
     packages=find_packages(include=["genfast", "genfast.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildVariants.with_options(use_ninja=True)},
 )

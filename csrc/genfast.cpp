@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "common/activations.h"
+#include "common/cpu_capability.h"
 #include "common/python_rules.h"
 #include "dense/dense.h"
 #include "losses/losses.h"
@@ -34,6 +35,14 @@ pybind11::dict build_info() {
   info["openmp"] = false;
 #endif
   info["torch"] = GENFAST_TORCH_VERSION;
+  // The CPU kernels' variant in use (cpu_capability.h); an unknown or unsupported GENFAST_CPU_CAPABILITY
+  // raises here, at import (genfast/_extension.py calls build_info).
+  info["cpu_capability"] = genfast::cpu_capability_name(genfast::cpu_capability());
+#ifdef GENFAST_CPU_X86_VARIANTS
+  info["cpu_capabilities"] = pybind11::make_tuple("DEFAULT", "AVX2", "AVX512");  // the variants built
+#else
+  info["cpu_capabilities"] = pybind11::make_tuple("DEFAULT");
+#endif
   return info;
 }
 

@@ -43,6 +43,9 @@ def build_info() -> dict:
         "cuda_version": built.get("cuda_version"),
         "cuda_archs": [a for a in archs.replace(",", ";").split(";") if a],
         "openmp": bool(built.get("openmp", False)),
+        # the CPU kernels' variant in use (DEFAULT, AVX2, AVX512; GENFAST_CPU_CAPABILITY pins it) and those built
+        "cpu_capability": built.get("cpu_capability"),
+        "cpu_capabilities": list(built.get("cpu_capabilities", ())),
         "triton": triton_version(),
         "backends": available_backends(),
         "activations": sorted(ACTIVATIONS),

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import platform
-
 import torch
 
 IMPORT_ERROR: str | None = None
-if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() not in (
-    "AVX2",
-    "AVX512",
-):
-    # _C is compiled for AVX2 on x86-64: loading it here would die on an illegal instruction.
+# _C loads on every CPU PyTorch runs on: its CPU kernels are built for DEFAULT, AVX2 and AVX512 and it
+# runs the best this CPU has (csrc/common/cpu_capability.h; GENFAST_CPU_CAPABILITY pins one).
+try:
+    from genfast import _C
+except ImportError as error:  # a pure-Python checkout: only the reference and Triton backends
     _C = None
-    IMPORT_ERROR = f"this CPU lacks AVX2 ({torch.backends.cpu.get_cpu_capability()}), which genfast._C needs"
-else:
-    try:
-        from genfast import _C
-    except ImportError as error:  # a pure-Python checkout: only the reference and Triton backends
-        _C = None
-        IMPORT_ERROR = str(error)
+    IMPORT_ERROR = str(error)
 
 
 def _major_minor(version: str) -> str:

@@ -167,3 +167,111 @@ def test_cuda_kernels_have_no_stack_and_no_local_memory():
         if not any(allowed in name for allowed in KERNELS_ALLOWED_LOCAL_MEMORY)
     ]
     assert not report, "kernels with a stack frame or local memory:\n" + "\n".join(report)
+
+
+# CPU capability variants (csrc/common/cpu_capability.h): every CPU kernel file is built for DEFAULT,
+# AVX2 and AVX512 (x86-64), the best this CPU has runs, GENFAST_CPU_CAPABILITY pins one.
+_CAPABILITY_ORDER = ("DEFAULT", "AVX2", "AVX512")
+
+
+def _supported_capabilities() -> list[str]:
+    """The variants this CPU can run: those up to ATen's own capability (which cpuinfo checks)."""
+    aten = torch.backends.cpu.get_cpu_capability()
+    if aten not in _CAPABILITY_ORDER:
+        return ["DEFAULT"]
+    built = genfast.build_info()["cpu_capabilities"]
+    return [c for c in _CAPABILITY_ORDER[: _CAPABILITY_ORDER.index(aten) + 1] if c in built]
+
+
+@pytest.mark.skipif(_extension._C is None, reason="genfast._C is not built")
+def test_build_info_names_the_cpu_capability_in_use():
+    info = genfast.build_info()
+    assert "DEFAULT" in info["cpu_capabilities"]
+    pinned = os.environ.get("GENFAST_CPU_CAPABILITY")
+    expected = pinned.upper() if pinned else _supported_capabilities()[-1]
+    assert info["cpu_capability"] == expected
+
+
+def _capability_inputs():
+    """Seeded inputs of the ops the variants run (run in each child process and in the parent)."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(s, generator=g) for s in ((67, 129), (45, 129), (45,)))
+    grad_y = torch.randn(67, 45, generator=g)
+    recon, target = torch.randn(33, 77, generator=g), torch.rand(33, 77, generator=g)
+    mu, logvar = torch.randn(33, 21, generator=g), torch.randn(33, 21, generator=g)
+    return x, w, b, grad_y, recon, target, mu, logvar
+
+
+def _capability_outputs(ops, math_dtype: torch.dtype | None = None) -> dict:
+    """name -> output of the ops (genfast on the cpu backend, or genfast.reference) for fp32 and bf16
+    inputs; math_dtype=torch.float64: the same inputs, rounded to each dtype, computed in float64."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        d = str(dtype).split(".")[1]
+        x, w, b, grad_y, recon, target, mu, logvar = (
+            t.to(dtype).to(math_dtype or dtype) for t in _capability_inputs()
+        )
+        dtype = math_dtype or dtype
+        for act in ("relu", "leaky_relu", "gelu", "silu"):
+            xs, ws, bs = (t.to(dtype).requires_grad_() for t in (x, w, b))
+            y = ops.fused_dense(xs, ws, bs, act)
+            y.backward(grad_y.to(dtype))
+            for name, value in (("y", y), ("gx", xs.grad), ("gw", ws.grad), ("gb", bs.grad)):
+                out[f"dense_{act}_{d}_{name}"] = value.detach()
+        rs, ms, ls = (t.to(dtype).requires_grad_() for t in (recon, mu, logvar))
+        if hasattr(ops, "elbo_loss"):
+            loss = ops.elbo_loss(rs, target.to(dtype), ms, ls, beta=0.5)
+        else:  # genfast.reference
+            loss = ops.elbo_terms(rs, target.to(dtype), ms, ls, beta=0.5)[0]
+        loss.backward()
+        out[f"elbo_{d}"], out[f"elbo_{d}_grecon"], out[f"elbo_{d}_gmu"] = loss.detach(), rs.grad, ms.grad
+        out[f"elbo_{d}_glogvar"] = ls.grad
+        out[f"kl_{d}"] = ops.kl_divergence(mu.to(dtype), logvar.to(dtype), reduction="none")
+    return out
+
+
+_CAPABILITY_CHILD = """
+import sys, torch, genfast
+from genfast.backend import use_backend
+from tests.test_build import _capability_outputs
+assert genfast.build_info()["cpu_capability"] == sys.argv[2], genfast.build_info()
+with use_backend("cpu"):
+    out = _capability_outputs(genfast)
+    z = genfast.reparameterize(*[torch.randn(33, 21, generator=torch.Generator().manual_seed(s)) for s in (1, 2)],
+                               generator=torch.Generator().manual_seed(3))
+torch.save({**out, "reparam": z.detach()}, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(_extension._C is None, reason="genfast._C is not built")
+def test_every_cpu_capability_this_cpu_supports_agrees(tmp_path):
+    """Each variant, pinned by GENFAST_CPU_CAPABILITY in a child process: within the tolerance rule of
+    DESIGN.md (tests/tolerance.py) against float64, and bit for bit with DEFAULT where the math is the
+    same whatever the lane count (relu and leaky_relu: a compare and a multiply per element)."""
+    from genfast import reference
+    from tests.tolerance import assert_within_rule
+
+    runs = {}
+    for capability in _supported_capabilities():
+        path = tmp_path / f"{capability}.pt"
+        env = {**os.environ, "GENFAST_CPU_CAPABILITY": capability.lower()}
+        result = subprocess.run(
+            [sys.executable, "-c", _CAPABILITY_CHILD, str(path), capability],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=Path(__file__).parent.parent,
+        )
+        assert result.returncode == 0, f"{capability}: {result.stderr[-3000:]}"
+        runs[capability] = torch.load(path)
+    eager, fp64 = _capability_outputs(reference), _capability_outputs(reference, torch.float64)
+    for capability, out in runs.items():
+        for name, value in out.items():
+            if (
+                name == "reparam" or "relu" in name
+            ):  # exact: relu's math, Philox bits (+ an ulp of log/sin/cos)
+                tol = {"rtol": 2e-6, "atol": 2e-6} if name == "reparam" else {"rtol": 0, "atol": 0}
+                torch.testing.assert_close(value, runs["DEFAULT"][name], **tol, msg=f"{capability}: {name}")
+            else:
+                assert_within_rule(f"{capability}: {name}", value, eager[name], fp64[name])

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <type_traits>
 
+#include "common/cpu_capability.h"
+
 #ifdef __CUDACC__
 #define GENFAST_HD __host__ __device__ __forceinline__
 #else
@@ -15,6 +17,7 @@
 #endif
 
 namespace genfast {
+GENFAST_CAPABILITY_NS_BEGIN  // genfast::<capability>:: in the kernel files (cpu_capability.h)
 
 // X(enumerator, code, name in genfast/activations.py, what backward saves).
 #define GENFAST_ACTIVATIONS(X)        \
@@ -187,4 +190,5 @@ GENFAST_HD constexpr long long mask_row_bytes(long long n) {
   return (n + 127) / 128 * 16;
 }
 
+GENFAST_CAPABILITY_NS_END
 }  // namespace genfast

@@ -11,9 +11,11 @@
 #include <cmath>
 #include <type_traits>
 
-namespace genfast {
-namespace cpu_math {
+#include "common/cpu_capability.h"
 
+namespace genfast {
+GENFAST_CAPABILITY_NS_BEGIN  // genfast::<capability>:: in the kernel files (cpu_capability.h)
+namespace cpu_math {
 using at::vec::Vectorized;
 constexpr int64_t kChunk = 256;  // elements per conversion buffer (half, bfloat16, uint8 -> float)
 
@@ -87,6 +89,9 @@ class Fp64Sum {
 #ifdef CPU_CAPABILITY_AVX2
     lo_ += Vectorized<double>(_mm256_cvtps_pd(_mm256_castps256_ps128(v)));
     hi_ += Vectorized<double>(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+#elif defined(CPU_CAPABILITY_AVX512)
+    lo_ += Vectorized<double>(_mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    hi_ += Vectorized<double>(_mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)));
 #else
     float lanes[Vectorized<float>::size()];
     v.store(lanes);
@@ -156,4 +161,5 @@ double kl_row(const scalar_t* mu, const scalar_t* lv, scalar_t* gmu, scalar_t* g
 }
 
 }  // namespace cpu_math
+GENFAST_CAPABILITY_NS_END
 }  // namespace genfast

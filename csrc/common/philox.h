@@ -16,7 +16,10 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/cpu_capability.h"
+
 namespace genfast {
+GENFAST_CAPABILITY_NS_BEGIN  // genfast::<capability>:: in the kernel files (cpu_capability.h)
 
 struct Normal4 {
   float v[4];
@@ -57,4 +60,5 @@ __device__ inline Normal4 philox_normal4(uint64_t seed, uint64_t offset, uint64_
 }
 #endif
 
+GENFAST_CAPABILITY_NS_END
 }  // namespace genfast

@@ -16,7 +16,10 @@
 
 #include <vector>
 
+#include "common/cpu_capability.h"
+
 namespace genfast {
+GENFAST_CAPABILITY_NS_BEGIN  // genfast::<capability>:: in the kernel files (cpu_capability.h)
 
 std::vector<at::Tensor> dense_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                           const c10::optional<at::Tensor>& bias, int64_t act, double slope);
@@ -38,4 +41,5 @@ std::vector<at::Tensor> dense_backward_cuda(const at::Tensor& grad_y, const at::
                                             bool need_w, bool need_b);
 #endif
 
+GENFAST_CAPABILITY_NS_END
 }  // namespace genfast

@@ -15,12 +15,13 @@
 
 #include "common/activations.h"
 #include "common/checks.h"
+#include "common/cpu_capability.h"
 #include "common/cpu_math.h"
 #include "dense/dense.h"
 
 namespace genfast {
+GENFAST_CAPABILITY_NS_BEGIN  // genfast::<capability>:: in the kernel files (cpu_capability.h)
 namespace {
-
 using at::vec::Vectorized;
 using cpu_math::VecMath;
 constexpr int64_t kChunk = 512;    // half/bf16 columns converted to float at a time (multiple of 8)
@@ -68,16 +69,13 @@ Vectorized<float> mask_factor<float>(const uint8_t* row, int64_t first, float ot
 }
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// fp32 relu/leaky_relu rows in AVX-512, used where ATen itself runs AVX-512 (at::get_cpu_capability,
-// which honours ATEN_CPU_CAPABILITY): there eager's relu has 16 lanes, and the 8-lane pass above
-// would lose to it. The compare yields the 16 mask bits of a vector directly (mask_bit's rule: NaN sets
-// relu's bit, not leaky_relu's). Lanes past n load as 0 (bit clear); max(0, NaN) / NaN * slope keep
+#ifdef CPU_CAPABILITY_AVX512
+// fp32 relu/leaky_relu rows in AVX-512, in the AVX512 variant (cpu_capability.h; chosen where ATen itself
+// runs AVX-512, at::get_cpu_capability, which honours ATEN_CPU_CAPABILITY): there eager's relu has 16
+// lanes, and an 8-lane pass would lose to it. The compare yields the 16 mask bits of a vector directly (mask_bit's
+// rule: NaN sets relu's bit, not leaky_relu's). Lanes past n load as 0 (bit clear); max(0, NaN) / NaN * slope keep
 // the NaN, as eager does.
-bool use_avx512() {
-  static const bool yes = at::get_cpu_capability() == "AVX512";
-  return yes;
-}
+constexpr bool use_avx512() { return true; }  // the AVX512 variant (cpu_capability.h)
 
 // 16 lanes from j on; `lanes` selects those below n. Masked loads and stores only on a row's tail:
 // on Zen 4 they are several times slower than plain ones.
@@ -119,7 +117,7 @@ __attribute__((target("avx512f"))) void relu_grad_row_avx512(const float* g, con
   }
 }
 #else
-bool use_avx512() { return false; }
+constexpr bool use_avx512() { return false; }
 void relu_row_avx512(const float*, uint8_t*, int64_t, float*, int64_t, float, bool) {}
 void relu_grad_row_avx512(const float*, const uint8_t*, float*, float*, int64_t, float, bool) {}
 #endif
@@ -129,7 +127,12 @@ void relu_grad_row_avx512(const float*, const uint8_t*, float*, float*, int64_t,
 template <Act A, typename acc_t>
 void forward_row(const acc_t* z_in, uint8_t* mask, int64_t mask_bytes, acc_t* y, int64_t n, acc_t slope) {
   using V = Vectorized<acc_t>;
-  static_assert(8 % V::size() == 0, "a mask byte must hold whole vectors");
+  if constexpr (V::size() > 8) {  // 16 fp32 lanes (the AVX512 variant): the AVX-512 pass
+    static_assert(std::is_same_v<acc_t, float> && (A == Act::Relu || A == Act::LeakyRelu));
+    relu_row_avx512(z_in, mask, mask_bytes, y, n, slope, A == Act::LeakyRelu);
+    return;
+  }
+  static_assert(V::size() > 8 || 8 % V::size() == 0, "a mask byte must hold whole vectors");
   constexpr int64_t lanes = V::size();
   const V vslope(slope);
   int64_t j = 0;
@@ -362,4 +365,5 @@ std::vector<at::Tensor> dense_backward_cpu(const at::Tensor& grad_y, const at::T
   return {need_x ? at::mm(dz, weight) : empty(), need_w ? at::mm(dz.t(), x) : empty(), need_b ? grad_b : empty()};
 }
 
+GENFAST_CAPABILITY_NS_END
 }  // namespace genfast

@@ -43,7 +43,10 @@
 
 #include <vector>
 
+#include "common/cpu_capability.h"
+
 namespace genfast {
+GENFAST_CAPABILITY_NS_BEGIN  // genfast::<capability>:: in the kernel files (cpu_capability.h)
 
 enum class Recon : int64_t { Bce = 0, Mse = 1 };
 enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
@@ -111,4 +114,5 @@ inline void check_gan_inputs(const at::Tensor& first, const at::Tensor& second, 
   if (reduction == int64_t(Reduction::Mean)) TORCH_CHECK(first.numel() > 0, "the mean over an empty tensor");
 }
 
+GENFAST_CAPABILITY_NS_END
 }  // namespace genfast

@@ -13,12 +13,13 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/cpu_capability.h"
 #include "common/cpu_math.h"
 #include "losses/losses.h"
 
 namespace genfast {
+GENFAST_CAPABILITY_NS_BEGIN  // genfast::<capability>:: in the kernel files (cpu_capability.h)
 namespace {
-
 using at::vec::Vectorized;
 using namespace cpu_math;
 constexpr int64_t kGanBlock = 1 << 14;       // elements per GAN partial sum: fixed, never the thread count
@@ -292,4 +293,5 @@ std::vector<at::Tensor> losses_gan_forward_cpu(const at::Tensor& first, const at
   return {loss, grad(0), grad(1)};  // a custom op's outputs must not alias each other
 }
 
+GENFAST_CAPABILITY_NS_END
 }  // namespace genfast

@@ -30,7 +30,10 @@
 
 #include <vector>
 
+#include "common/cpu_capability.h"
+
 namespace genfast {
+GENFAST_CAPABILITY_NS_BEGIN  // genfast::<capability>:: in the kernel files (cpu_capability.h)
 
 std::vector<at::Tensor> reparam_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
                                             c10::optional<at::Generator> generator);
@@ -50,4 +53,5 @@ std::vector<at::Tensor> reparam_kl_forward_cuda(const at::Tensor& mu, const at::
                                                 c10::optional<at::Generator> generator);
 #endif
 
+GENFAST_CAPABILITY_NS_END
 }  // namespace genfast

@@ -18,13 +18,14 @@
 #include <mutex>
 
 #include "common/checks.h"
+#include "common/cpu_capability.h"
 #include "common/cpu_math.h"
 #include "common/philox.h"
 #include "reparam/reparam.h"
 
 namespace genfast {
+GENFAST_CAPABILITY_NS_BEGIN  // genfast::<capability>:: in the kernel files (cpu_capability.h)
 namespace {
-
 using namespace cpu_math;
 constexpr int64_t kGrainElements = 1 << 14;  // work per parallel task
 
@@ -32,7 +33,7 @@ struct NoiseState {
   uint64_t seed, offset;
 };
 
-#ifdef CPU_CAPABILITY_AVX2
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)  // 8 lanes of AVX2 integers
 // (hi, lo): the 32-bit halves of a * b in each of 8 lanes (b: the same 32-bit constant in every lane).
 inline void mulhilo8(__m256i a, __m256i b, __m256i& hi, __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(a, b);                        // lanes 0, 2, 4, 6, as 64-bit products
@@ -85,7 +86,7 @@ const float* fill_noise(NoiseState state, int64_t first, int64_t len, float* buf
   float radius_u[kPairs], angle_u[kPairs], cos_part[kPairs], sin_part[kPairs];
   const int64_t g0 = first / 4, g1 = (first + len + 3) / 4;
   int64_t g = g0;
-#ifdef CPU_CAPABILITY_AVX2
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)  // 8 lanes of AVX2 integers
   for (; g + 8 <= g1 && static_cast<uint32_t>(g) <= 0xFFFFFFF8u; g += 8)
     philox_pairs8(state, static_cast<uint64_t>(g), radius_u + 2 * (g - g0), angle_u + 2 * (g - g0));
 #endif
@@ -285,4 +286,5 @@ std::vector<at::Tensor> reparam_kl_forward_cpu(const at::Tensor& mu, const at::T
   return {z, rng_state, kl};
 }
 
+GENFAST_CAPABILITY_NS_END
 }  // namespace genfast
