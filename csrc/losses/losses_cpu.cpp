@@ -40,7 +40,7 @@ V bce(V x, V t, V& grad) {
   grad = V::blendv(e, one, x >= zero) / (one + e) - t;  // sigmoid(x) - t
   // PyTorch's form (binary_cross_entropy_with_logits): the same NaN at infinite logits, where the limit
   // needs a convention PyTorch does not make.
-  return (one - t) * x + at::vec::maximum(x.neg(), zero) + e.log1p();
+  return (one - t) * x + at::vec::maximum(x.neg(), zero) + log1p_unit(e);
 }
 
 template <Term T, typename V>
@@ -92,9 +92,9 @@ template <typename scalar_t, typename target_t>
 double bce_row(const scalar_t* x, const target_t* t, scalar_t* grad, int64_t n, double tscale, double gscale) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vectorized<acc_t>;
-  acc_t xbuf[kChunk], tbuf[kChunk], gbuf[kChunk];
+  acc_t xbuf[kChunk], tbuf[kChunk], gbuf[kChunk], terms[kChunk];
   const V vg(static_cast<acc_t>(gscale));
-  CompensatedSum<V> sum;  // fp32 lanes, as accurate as double ones here and twice as many a vector
+  BufferSum<V> sum;  // fp32 lanes, as accurate as double ones here and twice as many a vector
   for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
     const int64_t len = std::min(kChunk, n - j0);
     const acc_t* xs = as_math(x + j0, xbuf, len, acc_t(1));
@@ -104,10 +104,10 @@ double bce_row(const scalar_t* x, const target_t* t, scalar_t* grad, int64_t n, 
       const int64_t m = std::min<int64_t>(V::size(), len - j);
       const V xv = V::loadu(xs + j, m), tv = V::loadu(ts + j, m);
       V g;
-      const V loss = bce(xv, tv, g);
-      sum.add(V::set(V(0), loss, m));  // tail lanes hold loss(0, 0): not summed
+      bce(xv, tv, g).store(terms + j, m);  // tail lanes (loss(0, 0)) not stored
       if (gs) (g * vg).store(gs + j, m);
     }
+    sum.add(terms, len);
     store_grad(gbuf, grad ? grad + j0 : nullptr, len);
   }
   return sum.total();

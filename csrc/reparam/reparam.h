@@ -14,7 +14,8 @@
 //   grad_logvar = 0.5 * grad_z * eps * exp(0.5 * logvar)   (grad_mu is grad_z itself: no kernel)
 // kl_forward(mu, logvar) -> kl (rows,) in float64, whatever mu's dtype
 //   rows = numel / mu.size(-1); kl[r] = 0.5 * sum_j (expm1(logvar) - logvar + mu^2) over row r: each
-//   term in the math type (or better), the sum in float64 in a fixed order (deterministic). float64
+//   term in the math type (or better), the sum in float64 (the CPU: compensated in the math type, as
+//   accurate; cpu_math.h) in a fixed order (deterministic). float64
 //   rows let the batch reduction (Python) round once: float32 rows, each rounded, then summed, leave
 //   the last bit of a scalar KL to chance.
 // kl_backward(grad_kl (rows,) in float64, mu, logvar) -> {grad_mu, grad_logvar} in mu's dtype

@@ -267,7 +267,7 @@ std::vector<at::Tensor> kl_backward_cpu(const at::Tensor& grad_kl, const at::Ten
     scalar_t* glp = grad_logvar.data_ptr<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / cols), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        kl_row(mp + r * cols, lp + r * cols, gmp + r * cols, glp + r * cols, cols, gp[r]);
+        kl_row(mp + r * cols, lp + r * cols, gmp + r * cols, glp + r * cols, cols, gp[r], /*want_sum=*/false);
     });
   });
   return {grad_mu, grad_logvar};

@@ -1,0 +1,122 @@
+"""The float math functions of csrc/common/cpu_math.h that replace SLEEF's (expm1 in the KL, log1p in the BCE),
+read through the CPU kernels that use them, against float64 over their whole range: at most twice the error
+of PyTorch's own float32 evaluation of the same expression (the tolerance rule, in ulps), special values as
+PyTorch's. Every CPU capability this machine runs (csrc/common/cpu_capability.h), each in a child process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from genfast import _extension
+from tests.test_build import _supported_capabilities
+
+pytestmark = pytest.mark.skipif(_extension._C is None, reason="genfast._C is not built")
+
+SPECIAL = [0.0, -0.0, 1e-30, -1e-30, 1e-40, 88.0, 88.75, 89.0, -104.0, float("inf"), float("-inf")]
+
+
+def _around(points: list[float]) -> torch.Tensor:
+    """The floats next to each point (the series/exp switches at |x| = 1), 64 steps each way."""
+    out = []
+    for p in points:
+        x = torch.tensor([p], dtype=torch.float32)
+        up, down = x.clone(), x.clone()
+        for _ in range(64):
+            up, down = torch.nextafter(up, up + 1), torch.nextafter(down, down - 1)
+            out += [up, down]
+    return torch.cat(out)
+
+
+def expm1_inputs() -> torch.Tensor:
+    grid = torch.linspace(-30, 30, 300_001)
+    small = torch.logspace(-30, 0, 3001)
+    return torch.cat([grid, small, -small, _around([1.0, -1.0, 0.0]), torch.tensor(SPECIAL)])
+
+
+def log1p_exp_inputs() -> torch.Tensor:
+    """x >= 0: the BCE's log term log(1 + exp(-x)) alone (target 1, x >= 0)."""
+    return torch.cat([torch.linspace(0, 110, 300_001), torch.logspace(-30, 2, 3001)])
+
+
+def genfast_expm1(x: torch.Tensor) -> torch.Tensor:
+    """expm1 as the KL kernels compute it: grad_logvar = 0.5 * grad_kl * expm1(logvar), grad_kl = 1."""
+    from genfast._extension import _C
+
+    lv = x.view(1, -1)
+    grad_kl = torch.ones(1, dtype=torch.float64)
+    return 2 * _C.kl_backward_cpu(grad_kl, torch.zeros_like(lv), lv)[1].view(-1)
+
+
+def genfast_log1p_exp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(-x)), x >= 0, as the ELBO kernel computes a one-element BCE row with target 1."""
+    from genfast._extension import _C
+
+    recon = x.view(-1, 1)
+    zeros = torch.zeros_like(recon)
+    return _C.losses_elbo_forward_cpu(recon, torch.ones_like(recon), zeros, zeros, 1.0, 0, 0, 1.0, False)[1]
+
+
+def ulps(value: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """|value - exact| in units of the last place of float32 at exact (finite exact values)."""
+    rounded = exact.float().abs()
+    spacing = (torch.nextafter(rounded, torch.tensor(float("inf"))) - rounded).double()
+    return (value.double() - exact).abs() / spacing
+
+
+FUNCTIONS = {
+    # name: (genfast's, PyTorch's float32 evaluation of the same expression, float64 exact, inputs)
+    "expm1": (genfast_expm1, torch.expm1, torch.expm1, expm1_inputs),
+    "log1p_exp": (
+        genfast_log1p_exp,
+        lambda x: torch.log1p(torch.exp(-x)),
+        lambda x: torch.log1p(torch.exp(-x)),
+        log1p_exp_inputs,
+    ),
+}
+
+
+def check(name: str) -> str:
+    ours, torchs, exact, inputs = FUNCTIONS[name]
+    x = inputs()
+    value, eager, truth = ours(x), torchs(x), exact(x.double())
+    finite = truth.float().isfinite()
+    assert torch.equal(value[~finite].isnan(), truth[~finite].isnan()), name
+    assert torch.equal(value[~finite & ~truth.isnan()], truth[~finite & ~truth.isnan()].float()), name
+    ours_ulps, eager_ulps = ulps(value[finite], truth[finite]), ulps(eager[finite], truth[finite])
+    worst = int(ours_ulps.argmax())
+    limit = 2 * max(float(eager_ulps.max()), 0.5)
+    assert float(ours_ulps.max()) <= limit, (
+        f"{name}: {float(ours_ulps.max()):.2f} ulp at x = {float(x[finite][worst])!r}, "
+        f"PyTorch's float32 {float(eager_ulps.max()):.2f} ulp"
+    )
+    return f"{name}: max {float(ours_ulps.max()):.2f} ulp, PyTorch {float(eager_ulps.max()):.2f} ulp"
+
+
+_CHILD = """
+import sys
+from tests.test_cpu_math import check
+print(check(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("capability", _supported_capabilities())
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_float_math_within_twice_pytorchs_error_over_the_whole_range(name, capability):
+    env = {**os.environ, "GENFAST_CPU_CAPABILITY": capability.lower(), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, f"{capability}: {done.stderr[-3000:]}"
+    print(capability, done.stdout.strip())
