@@ -671,8 +671,13 @@ def test_fused_sample_and_kl_equal_the_separate_ops(backend, device, reduction):
         z_alone, kl_alone = genfast.reparameterize(mu, logvar), genfast.kl_divergence(mu, logvar, reduction)
         separate = torch.autograd.grad((z_alone, kl_alone), (mu, logvar), (grad_z, torch.ones_like(kl)))
     assert torch.equal(z, z_alone) and torch.equal(kl, kl_alone)
+    # The same math, its rounding steps in another order: the reduced KL alone writes its gradient in the
+    # forward kernel (the ELBO's, 1/batch folded into the scale), the fused op scales in backward. Each
+    # KL term (a product of 0.5, 1/batch and expm1) is rounded up to twice each way: 4 ulp apart at most,
+    # at the scale of the gradient (added to the sampling term, it can cancel to a smaller value).
+    eps = torch.finfo(torch.float32).eps
     for a, b in zip(fused, separate):
-        torch.testing.assert_close(a, b, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
+        torch.testing.assert_close(a, b, rtol=4 * eps, atol=4 * eps * float(b.abs().max()))
 
 
 @pytest.mark.parametrize(

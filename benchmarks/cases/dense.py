@@ -36,15 +36,14 @@ class DenseCase:
     in_features: int
     out_features: int
     activation: str
-    dtype: str
+    dtype: str  # of the inputs; with autocast, the dtype autocast runs the layer in (inputs float32)
     mode: str
+    autocast: bool = False
 
     @property
     def name(self) -> str:
-        return (
-            f"{self.batch}x{self.in_features}->{self.out_features} {self.activation} "
-            f"{short_dtype(self.dtype)} {self.mode}"
-        )
+        dtype = f"fp32 autocast {short_dtype(self.dtype)}" if self.autocast else short_dtype(self.dtype)
+        return f"{self.batch}x{self.in_features}->{self.out_features} {self.activation} {dtype} {self.mode}"
 
     @property
     def flops(self) -> int:
@@ -58,9 +57,14 @@ _GELU_SHAPES = ((256, 784, 600), (4096, 1024, 784))
 _LARGE = {"cpu": ((2048, 2048, 2048), "float32"), "cuda": ((8192, 8192, 8192), "bfloat16")}
 
 
-def _cases(shapes: list[tuple[int, int, int, str, str]]) -> tuple[DenseCase, ...]:
+# CPU: bfloat16 under autocast (float32 inputs and parameters, as mixed-precision training has them),
+# where ATen's GEMM uses the CPU's bf16 units (AVX512-BF16, AMX) when it has them.
+_AUTOCAST = {"cpu": "bfloat16", "cuda": None}
+
+
+def _cases(shapes: list[tuple[int, int, int, str, str]], autocast: bool = False) -> tuple[DenseCase, ...]:
     """Every mode of each (batch, in, out, activation, dtype), modes of one shape next to each other."""
-    return tuple(DenseCase(*shape, mode) for shape in shapes for mode in MODES)
+    return tuple(DenseCase(*shape, mode, autocast) for shape in shapes for mode in MODES)
 
 
 def _full(device_type: str) -> tuple[DenseCase, ...]:
@@ -72,7 +76,11 @@ def _full(device_type: str) -> tuple[DenseCase, ...]:
         for batch in _BATCHES
     ]
     shapes += [(*shape, "gelu", dtype) for dtype in DTYPES[device_type] for shape in _GELU_SHAPES]
-    return _cases(shapes + [(*large, "relu", large_dtype)])
+    autocast = _AUTOCAST[device_type]
+    mixed = (
+        [(*shape, act, autocast) for shape in _GELU_SHAPES for act in ("relu", "gelu")] if autocast else []
+    )
+    return _cases(shapes + [(*large, "relu", large_dtype)]) + _cases(mixed, autocast=True)
 
 
 CASES: dict[str, tuple[DenseCase, ...]] = {device_type: _full(device_type) for device_type in _LARGE}
@@ -125,11 +133,28 @@ def _genfast(activation: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
 
 def contenders(case: DenseCase, device: torch.device) -> dict[str, Contender]:
     """genfast on each backend of `device`, eager and torch.compile, all on the same inputs."""
-    setup = _setup(case.batch, case.in_features, case.out_features, case.activation, case.dtype, device)
-    step = functools.partial(make_step, inputs=setup.inputs, grad_output=setup.grad_output, mode=case.mode)
+    dtype = "float32" if case.autocast else case.dtype
+    setup = _setup(case.batch, case.in_features, case.out_features, case.activation, dtype, device)
+    grad_output = setup.grad_output.to(getattr(torch, case.dtype))
+    step = functools.partial(make_step, inputs=setup.inputs, grad_output=grad_output, mode=case.mode)
+    if case.autocast:
+        step = functools.partial(_step_under_autocast, step, device.type, getattr(torch, case.dtype))
     # genfast:auto is what a user gets (the backend genfast picks); genfast:<backend> pins that backend.
     ours = _genfast(case.activation)
     return {
         "genfast:auto": Contender(functools.partial(step, ours)),
         **contenders_of(step, ours, setup.baselines, device),
     }
+
+
+def _step_under_autocast(step, device_type: str, dtype: torch.dtype, fn):
+    """step(fn), its forward and backward calls run under torch.autocast(device_type, dtype) (a backward
+    mode's graph is built when step(fn) is called)."""
+    with torch.autocast(device_type, dtype=dtype):
+        inner = step(fn)
+
+    def run():
+        with torch.autocast(device_type, dtype=dtype):
+            return inner()
+
+    return run

@@ -6,8 +6,9 @@ generator losses of each kind on (batch, 1) logits, batch 64 to 4096. Forward + 
 inputs requiring grad (the target does not).
 
 ``bytes`` is the least any implementation must move for forward + backward: read every input once,
-write every gradient once. genfast moves more by design (backward reads and rewrites the gradients its
-forward wrote), so its fraction of the bandwidth bound is at most 3/5 for the ELBO.
+write every gradient once. genfast's forward writes the gradients; its backward hands them back where the
+loss's gradient is exactly 1 on the CPU (these cases), and elsewhere reads and rewrites them (there its
+fraction of the bandwidth bound is at most 3/5 for the ELBO).
 """
 
 from __future__ import annotations

@@ -19,8 +19,10 @@ the 2^26 shapes only sampling on (65536, 1024) in "both" (on 2 cores a call take
 ``bytes`` is the least any implementation must move, N elements of the dtype per (batch, latent) tensor:
 reparameterize forward reads mu, logvar and writes z (3N), backward reads grad_z, logvar and writes
 grad_logvar (3N; grad_mu is grad_z itself); kl forward reads mu, logvar (2N), backward reads them again
-and writes grad_mu, grad_logvar (4N); reparameterize_kl forward 3N, backward reads grad_z, mu, logvar and
-writes grad_mu, grad_logvar (5N); both is the sum. The scalar KL and its gradient are not counted.
+and writes grad_mu, grad_logvar (4N), but both together need only read mu, logvar once and write the two
+gradients (4N: genfast's reduced KL writes its gradient in the forward pass, as the losses do);
+reparameterize_kl forward 3N, backward reads grad_z, mu, logvar and writes grad_mu, grad_logvar (5N);
+both is otherwise the sum. The scalar KL and its gradient are not counted.
 genfast regenerates the noise in backward from a (seed, offset) pair; eager and torch.compile store eps
 in forward and read it back in backward, at least N more each way, and hold it in memory in between.
 """
@@ -50,7 +52,7 @@ _Op = Callable[..., Tensor | tuple[Tensor, Tensor]]  # (mu, logvar) -> z, kl or 
 # Tensors of N elements each mode must read and write, at the least (see the module docstring).
 _TRAFFIC = {
     "reparameterize": {"forward": 3, "backward": 3},
-    "kl": {"forward": 2, "backward": 4},
+    "kl": {"forward": 2, "backward": 4, "both": 4},
     "reparameterize_kl": {"forward": 3, "backward": 5},
 }
 
@@ -75,7 +77,8 @@ class ReparamCase:
     def bytes(self) -> int:
         """The least any implementation must read and write in this mode (the module docstring)."""
         traffic = _TRAFFIC[self.op]
-        tensors = traffic["forward"] + traffic["backward"] if self.mode == "both" else traffic[self.mode]
+        both = traffic.get("both", traffic["forward"] + traffic["backward"])
+        tensors = both if self.mode == "both" else traffic[self.mode]
         return tensors * self.batch * self.latent * torch.finfo(getattr(torch, self.dtype)).bits // 8
 
 

@@ -15,10 +15,11 @@ from torch import Tensor
 
 from genfast import reference
 from genfast._extension import _C
-from genfast.loss_terms import KL_ROWS_DTYPE
+from genfast.loss_terms import KL_ROWS_DTYPE, RECON_LOSSES, REDUCTIONS
 from genfast.ops import _route
 from genfast.ops._checks import check_same, check_tensor
 from genfast.ops._op import Kernels, Op, plus
+from genfast.ops.losses import ELBO
 
 _REDUCTIONS = ("none", "sum", "mean")
 _SEEDED = (torch.Tag.nondeterministic_seeded,)
@@ -240,7 +241,32 @@ def kl_divergence(mu: Tensor, logvar: Tensor, reduction: str = "mean") -> Tensor
     _check_kl(mu, reduction)
     if _route.plain_math(mu, logvar):
         return reference.kl_divergence(mu, logvar, reduction)
-    return _reduce(KL(mu.contiguous(), logvar.contiguous()), mu, reduction)
+    mu, logvar = mu.contiguous(), logvar.contiguous()
+    if (
+        reduction != "none"
+        and mu.dtype in _GRADIENT_IN_FORWARD_DTYPES
+        and torch.is_grad_enabled()
+        and (mu.requires_grad or logvar.requires_grad)
+    ):
+        return _kl_with_gradient(mu, logvar, reduction)
+    return _reduce(KL(mu, logvar), mu, reduction)
+
+
+# float16/bfloat16 keep kl_rows' backward (the gradient computed in fp32 and rounded once): a saved
+# gradient in those dtypes, scaled by grad_output, would be rounded twice.
+_GRADIENT_IN_FORWARD_DTYPES = (torch.float32, torch.float64)
+
+
+def _kl_with_gradient(mu: Tensor, logvar: Tensor, reduction: str) -> Tensor:
+    """The reduced KL as the ELBO kernel over no reconstruction features (its loss is then the KL): its
+    forward writes the gradient while it sums, so backward only scales that (on the CPU, a gradient of
+    exactly 1 hands it back): mu and logvar are read once and exp(logvar) computed once for forward and
+    backward, where kl_rows reads and computes them again in backward."""
+    rows = _rows(mu)  # spelled out: with latent 0 there is nothing to infer -1 from
+    rows_mu, rows_logvar = mu.reshape(rows, mu.shape[-1]), logvar.reshape(rows, mu.shape[-1])
+    no_features = mu.new_empty(rows, 0)
+    args = (RECON_LOSSES["mse"], REDUCTIONS[reduction], 1.0, True)
+    return ELBO(no_features, no_features, rows_mu, rows_logvar, 1.0, *args)[0]
 
 
 def reparameterize_kl(
