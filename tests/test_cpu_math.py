@@ -1,7 +1,8 @@
-"""The float math functions of csrc/common/cpu_math.h that replace SLEEF's (expm1 in the KL, log1p in the BCE),
-read through the CPU kernels that use them, against float64 over their whole range: at most twice the error
-of PyTorch's own float32 evaluation of the same expression (the tolerance rule, in ulps), special values as
-PyTorch's. Every CPU capability this machine runs (csrc/common/cpu_capability.h), each in a child process.
+"""The float math functions of csrc/common/cpu_math.h that replace SLEEF's (expm1 in the KL, log1p in the BCE
+and softplus), read through the CPU kernels that use them, against float64 over their whole range: at most
+twice the error of PyTorch's own float32 evaluation of the same expression (the tolerance rule, in ulps),
+special values as PyTorch's. Every CPU capability this machine runs (csrc/common/cpu_capability.h), each in
+a child process.
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ def genfast_log1p_exp(x: torch.Tensor) -> torch.Tensor:
     return _C.losses_elbo_forward_cpu(recon, torch.ones_like(recon), zeros, zeros, 1.0, 0, 0, 1.0, False)[1]
 
 
+def softplus_inputs() -> torch.Tensor:
+    return torch.cat(
+        [torch.linspace(-110, 30, 300_001), torch.logspace(-30, 1.3, 3001), -torch.logspace(-30, 2, 3001)]
+    )
+
+
+def genfast_softplus(x: torch.Tensor) -> torch.Tensor:
+    """softplus as the dense kernel's epilogue computes it: x (N, 1) times a weight of 1 is x exactly."""
+    from genfast._extension import _C
+    from genfast.activations import get_activation
+
+    y = _C.dense_forward_cpu(x.view(-1, 1), torch.ones(1, 1), None, get_activation("softplus").code, 0.0)[0]
+    return y.view(-1)
+
+
 def ulps(value: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """|value - exact| in units of the last place of float32 at exact (finite exact values)."""
     rounded = exact.float().abs()
@@ -78,6 +94,12 @@ FUNCTIONS = {
         lambda x: torch.log1p(torch.exp(-x)),
         lambda x: torch.log1p(torch.exp(-x)),
         log1p_exp_inputs,
+    ),
+    "softplus": (
+        genfast_softplus,
+        torch.nn.functional.softplus,
+        torch.nn.functional.softplus,
+        softplus_inputs,
     ),
 }
 

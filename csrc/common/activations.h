@@ -74,7 +74,7 @@ struct ScalarMath {
     return ::exp(x);
   }
   template <typename T>
-  static GENFAST_HD T log1p(T x) {
+  static GENFAST_HD T log1p_unit(T x) {  // log(1 + x) for x in [0, 1]
     return ::log1p(x);
   }
   template <typename T>
@@ -92,12 +92,14 @@ struct ScalarMath {
 };
 
 // softplus with PyTorch's defaults (beta 1, threshold 20): z itself above the threshold, where
-// log1p(exp(z)) equals z to double precision (and exp(z) could overflow).
+// log1p(exp(z)) equals z to double precision (and exp(z) could overflow); below it the stable form
+// max(z, 0) + log1p(exp(-|z|)), whose log1p argument lies in (0, 1] (a cheap series on the CPU).
 constexpr double kSoftplusThreshold = 20.0;
 
 template <typename M, typename T>
 GENFAST_HD T softplus(T z) {
-  return M::select(z > T(kSoftplusThreshold), z, M::log1p(M::exp(z)));
+  const T zero(0), minus_abs = M::select(z > zero, zero - z, z);  // NaN: z, so NaN out
+  return M::select(z > T(kSoftplusThreshold), z, M::select(z > zero, z, zero) + M::log1p_unit(M::exp(minus_abs)));
 }
 
 // mish from one exp and one division (the CUDA kernels' IEEE division is a subroutine call: more of

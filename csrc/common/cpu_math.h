@@ -19,6 +19,9 @@ namespace cpu_math {
 using at::vec::Vectorized;
 constexpr int64_t kChunk = 256;  // elements per conversion buffer (half, bfloat16, uint8 -> float)
 
+template <typename V>
+V log1p_unit(const V& e);  // below
+
 // activations.h's math functions on Vectorized<float> or Vectorized<double> lanes (SLEEF where ATen uses
 // it), so act_forward<VecMath> / act_derivative<VecMath> run the one formula of each activation on vectors.
 struct VecMath {
@@ -27,8 +30,8 @@ struct VecMath {
     return x.exp();
   }
   template <typename V>
-  static V log1p(const V& x) {
-    return x.log1p();
+  static V log1p_unit(const V& x) {
+    return cpu_math::log1p_unit(x);
   }
   template <typename V>
   static V erf(const V& x) {
