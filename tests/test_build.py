@@ -230,6 +230,21 @@ def _capability_outputs(ops, math_dtype: torch.dtype | None = None) -> dict:
     return out
 
 
+def run_pinned(capability: str, code: str, *args: str) -> str:
+    """`python -c code args` from the repository root with GENFAST_CPU_CAPABILITY=capability; its stdout."""
+    env = {**os.environ, "GENFAST_CPU_CAPABILITY": capability.lower()}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, f"{capability}: {done.stderr[-3000:]}"
+    return done.stdout
+
+
 _CAPABILITY_CHILD = """
 import sys, torch, genfast
 from genfast.backend import use_backend
@@ -256,16 +271,7 @@ def test_every_cpu_capability_this_cpu_supports_agrees(tmp_path):
     runs = {}
     for capability in _supported_capabilities():
         path = tmp_path / f"{capability}.pt"
-        env = {**os.environ, "GENFAST_CPU_CAPABILITY": capability.lower()}
-        result = subprocess.run(
-            [sys.executable, "-c", _CAPABILITY_CHILD, str(path), capability],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=Path(__file__).parent.parent,
-        )
-        assert result.returncode == 0, f"{capability}: {result.stderr[-3000:]}"
+        run_pinned(capability, _CAPABILITY_CHILD, str(path), capability)
         runs[capability] = torch.load(path)
     eager, fp64 = _capability_outputs(reference), _capability_outputs(reference, torch.float64)
     for capability, out in runs.items():

@@ -7,16 +7,11 @@ a child process.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from genfast import _extension
-from tests.test_build import _supported_capabilities
+from tests.test_build import _supported_capabilities, run_pinned
 
 pytestmark = pytest.mark.skipif(_extension._C is None, reason="genfast._C is not built")
 
@@ -131,14 +126,4 @@ print(check(sys.argv[1]))
 @pytest.mark.parametrize("capability", _supported_capabilities())
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
 def test_float_math_within_twice_pytorchs_error_over_the_whole_range(name, capability):
-    env = {**os.environ, "GENFAST_CPU_CAPABILITY": capability.lower(), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD, name],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).parent.parent,
-    )
-    assert done.returncode == 0, f"{capability}: {done.stderr[-3000:]}"
-    print(capability, done.stdout.strip())
+    print(capability, run_pinned(capability, _CHILD, name).strip())
