@@ -1,5 +1,5 @@
 """The float math functions of csrc/common/cpu_math.h that replace SLEEF's (expm1 in the KL, log1p in the BCE
-and softplus), read through the CPU kernels that use them, against float64 over their whole range: at most
+and softplus, exp in reparameterization and the BCE), read through the CPU kernels that use them, against float64 over their whole range: at most
 twice the error of PyTorch's own float32 evaluation of the same expression (the tolerance rule, in ulps),
 special values as PyTorch's. Every CPU capability this machine runs (csrc/common/cpu_capability.h), each in
 a child process.
@@ -59,6 +59,30 @@ def genfast_log1p_exp(x: torch.Tensor) -> torch.Tensor:
     return _C.losses_elbo_forward_cpu(recon, torch.ones_like(recon), zeros, zeros, 1.0, 0, 0, 1.0, False)[1]
 
 
+def exp_inputs() -> torch.Tensor:
+    """Past both ends of the inline range [-87, 88] (SLEEF's exp takes those vectors)."""
+    return torch.cat([torch.linspace(-104, 89, 300_001), _around([-87.0, 0.0, 88.0])])
+
+
+_NOISE_STATE = torch.tensor([1234567, 0], dtype=torch.int64)
+
+
+def _kernel_noise(n: int) -> torch.Tensor:
+    """The float32 eps the CPU kernel draws for n elements under _NOISE_STATE: its sampling gradient with
+    grad_z = 2 and logvar = 0 is 0.5 * 2 * eps * exp(0) = eps exactly."""
+    from genfast._extension import _C
+
+    return _C.reparam_backward_cpu(torch.full((n,), 2.0), torch.zeros(n), _NOISE_STATE)
+
+
+def genfast_exp_times_noise(x: torch.Tensor) -> torch.Tensor:
+    """eps * exp(x), as the sampling gradient with grad_z = 2 and logvar = 2x computes it (0.5 * 2 * eps is
+    eps exactly; one rounding of the product, as PyTorch's eps * exp(x) has)."""
+    from genfast._extension import _C
+
+    return _C.reparam_backward_cpu(torch.full_like(x, 2.0), 2 * x, _NOISE_STATE)
+
+
 def softplus_inputs() -> torch.Tensor:
     return torch.cat(
         [torch.linspace(-110, 30, 300_001), torch.logspace(-30, 1.3, 3001), -torch.logspace(-30, 2, 3001)]
@@ -89,6 +113,12 @@ FUNCTIONS = {
         lambda x: torch.log1p(torch.exp(-x)),
         lambda x: torch.log1p(torch.exp(-x)),
         log1p_exp_inputs,
+    ),
+    "exp_times_noise": (
+        genfast_exp_times_noise,
+        lambda x: _kernel_noise(x.numel()) * torch.exp(x),
+        lambda x: _kernel_noise(x.numel()).double() * torch.exp(x),
+        exp_inputs,
     ),
     "softplus": (
         genfast_softplus,

@@ -735,7 +735,8 @@ def test_philox_bits_are_the_references(kernels, backend, device):
 def test_backends_draw_the_reference_noise(backend, device):
     """Every backend's eps is philox_normal's: the same bits, log/sin/cos within an ulp or two."""
     require_backend(backend, device)
-    shape = (7, 1003) if backend == "cpu" else (3, 103)
+    # On the CPU 2^20 + 15 normals: the inline log/sin/cos of csrc/common/cpu_math.h over much of their domain.
+    shape = (1025, 1023) if backend == "cpu" else (3, 103)
     ones = torch.ones(shape)
     z, rng_state = sample_op(backend, 0 * ones, 0 * ones)  # mu = 0, std = 1: z is eps
     eps = drawn_noise(rng_state, shape)

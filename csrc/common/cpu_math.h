@@ -153,31 +153,54 @@ class BufferSum {
   CompensatedSum<V> sums_[4];
 };
 
-// Two functions whose SLEEF versions cost ~4x exp's (measured: expm1 1.7 ns, log1p 1.1 ns, exp 0.3 ns an
-// element on AVX-512), the inner operations of the KL and the BCE. In float lanes they are computed here
-// by short series, inline, within twice the error of PyTorch's float32 functions over the whole range
-// (tests/test_cpu_math.py); double lanes keep SLEEF's.
+// Three functions whose SLEEF versions cost ~4x exp's (measured: expm1 1.7 ns, log1p 1.1 ns, exp 0.3 ns an
+// element on AVX-512), the inner operations of the KL and the BCE, and exp itself (reparameterization's
+// std, BCE's exp(-|x|)). In float lanes they are computed here by short series, inline, within twice the
+// error of PyTorch's float32 functions over the whole range (tests/test_cpu_math.py); double lanes keep
+// SLEEF's.
 
-// exp(x) - 1. x = k ln2 + r (Cody-Waite, |r| <= ln2/2), expm1(r) by its Taylor series to r^8/8! (the
-// truncation is below 2^-30 of it), then expm1(x) = 2^k expm1(r) + (2^k - 1) in one FMA: k = 0 gives
-// expm1(r) itself, so no cancellation near 0. Below -87 exp underflows: -1. A vector with a lane above 88
-// (where 2^k overflows) takes SLEEF's exp(x) - 1 in those lanes. NaN stays NaN.
+// x = k ln2 + r for x in [-87, 88] (Cody-Waite, |r| <= ln2/2): 2^k and expm1(r), by its Taylor series to
+// r^8/8! (the truncation is below 2^-30 of it).
+inline void split_exp(const Vectorized<float>& x, Vectorized<float>& two_k, Vectorized<float>& expm1_r) {
+  using V = Vectorized<float>;
+  using I = Vectorized<int32_t>;
+  const V k = (x * V(1.44269504088896341f)).round();
+  const V r = at::vec::fmadd(k, V(2.12194440e-4f), at::vec::fmadd(k, V(-0.693359375f), x));
+  V q(1.f / 40320);
+  for (const float c : {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f}) q = at::vec::fmadd(q, r, V(c));
+  expm1_r = at::vec::fmadd(r * r, q, r);
+  two_k = at::vec::cast<float>((at::vec::convert_to_int_of_same_size(k) + I(127)) << I(23));
+}
+
+// exp(x) - 1 = 2^k expm1(r) + (2^k - 1) in one FMA: k = 0 gives expm1(r) itself, so no cancellation near 0.
+// Below -87 exp underflows: -1. A vector with a lane above 88 (where 2^k overflows) takes SLEEF's
+// exp(x) - 1 in those lanes. NaN stays NaN.
 template <typename V>
 V expm1(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, double>) {
     return x.expm1();
   } else {
-    using I = Vectorized<int32_t>;
-    const V xc = at::vec::maximum(x, V(-87.f));
-    const V k = (xc * V(1.44269504088896341f)).round();
-    const V r = at::vec::fmadd(k, V(2.12194440e-4f), at::vec::fmadd(k, V(-0.693359375f), xc));
-    V q(1.f / 40320);
-    for (const float c : {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f}) q = at::vec::fmadd(q, r, V(c));
-    const V p = at::vec::fmadd(r * r, q, r);
-    const V two_k = at::vec::cast<float>((at::vec::convert_to_int_of_same_size(k) + I(127)) << I(23));
+    V two_k, p;
+    split_exp(at::vec::maximum(x, V(-87.f)), two_k, p);
     V result = at::vec::fmadd(two_k, p, two_k - V(1));
     const V big = x > V(88.f);
     if (big.zero_mask() != (1 << V::size()) - 1) result = V::blendv(result, x.exp() - V(1), big);
+    return result;
+  }
+}
+
+// exp(x) = 2^k expm1(r) + 2^k in one FMA. A vector with a lane outside [-87, 88] (where exp is subnormal
+// or overflows) or NaN takes SLEEF's exp in those lanes.
+template <typename V>
+V exp(const V& x) {
+  if constexpr (std::is_same_v<typename V::value_type, double>) {
+    return x.exp();
+  } else {
+    V two_k, p;
+    split_exp(at::vec::clamp(x, V(-87.f), V(88.f)), two_k, p);
+    V result = at::vec::fmadd(two_k, p, two_k);
+    const V inside = (x >= V(-87.f)) & (x <= V(88.f));
+    if (inside.zero_mask() != 0) result = V::blendv(x.exp(), result, inside);
     return result;
   }
 }
@@ -194,6 +217,49 @@ V log1p_unit(const V& e) {
     for (const float c : {1.f / 13, 1.f / 11, 1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3}) p = at::vec::fmadd(p, s2, V(c));
     return V(2) * at::vec::fmadd(s * s2, p, s);
   }
+}
+
+// Box-Muller's two functions (reparam's noise), in float lanes: SLEEF's log, sin and cos cost ~3x this
+// inline code, which keeps within 2 ulp of PyTorch's float32 functions on their domain here.
+
+// log(x) for positive normal floats (Box-Muller's uniforms, [2^-25, 1]): x = 2^k m with m in
+// [sqrt(1/2), sqrt(2)) (the bits of x offset by those of sqrt(1/2)), log m = 2 atanh(s), s = (m-1)/(m+1)
+// in [-0.172, 0.172], by its odd series to s^9 (the next term is below 2^-28 of it), + k ln 2 in two parts.
+inline Vectorized<float> log_positive(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  using I = Vectorized<int32_t>;
+  const I sqrt_half(0x3f3504f3);
+  const I shifted = at::vec::cast<int32_t>(x) - sqrt_half;
+  const V k = at::vec::convert_to_fp_of_same_size<float>(shifted >> I(23));
+  const V f = at::vec::cast<float>((shifted & I(0x7fffff)) + sqrt_half) - V(1.f);  // m - 1, exact
+  const V s = f / (V(2.f) + f), s2 = s * s;
+  V p(1.f / 9);
+  for (const float c : {1.f / 7, 1.f / 5, 1.f / 3}) p = at::vec::fmadd(p, s2, V(c));
+  const V log_m = at::vec::fmadd(V(2.f) * s * s2, p, V(2.f) * s);
+  return at::vec::fmadd(k, V(0.693359375f), at::vec::fmadd(k, V(-2.12194440e-4f), log_m));
+}
+
+// cos and sin of theta in [0, 2 pi] (Box-Muller's angle): theta = q pi/2 + r (Cody-Waite in three parts,
+// exact for q <= 4), |r| <= pi/4, sin r and cos r by their Taylor series to r^9 and r^10 (truncation
+// below 2^-28), then the quadrant q mod 4 swaps them and sets their signs.
+inline void sincos_circle(const Vectorized<float>& theta, Vectorized<float>& cos_out, Vectorized<float>& sin_out) {
+  using V = Vectorized<float>;
+  const V q = (theta * V(0.636619772f)).round();
+  V r = at::vec::fmadd(q, V(-1.5703125f), theta);
+  r = at::vec::fmadd(q, V(-4.837512969970703125e-4f), r);
+  r = at::vec::fmadd(q, V(-7.549789954891882e-8f), r);
+  const V r2 = r * r;
+  V ps(1.f / 362880);
+  for (const float c : {-1.f / 5040, 1.f / 120, -1.f / 6}) ps = at::vec::fmadd(ps, r2, V(c));
+  const V sin_r = at::vec::fmadd(r * r2, ps, r);
+  V pc(-1.f / 3628800);
+  for (const float c : {1.f / 40320, -1.f / 720, 1.f / 24, -0.5f}) pc = at::vec::fmadd(pc, r2, V(c));
+  const V cos_r = at::vec::fmadd(r2, pc, V(1.f));
+  const V quadrant = q - V(4.f) * (q * V(0.25f)).floor();  // 0, 1, 2 or 3
+  const V odd = (quadrant == V(1.f)) | (quadrant == V(3.f));
+  const V c = V::blendv(cos_r, sin_r, odd), s = V::blendv(sin_r, cos_r, odd);
+  cos_out = V::blendv(c, c.neg(), (quadrant == V(1.f)) | (quadrant == V(2.f)));
+  sin_out = V::blendv(s, s.neg(), quadrant >= V(2.f));
 }
 
 // KL(N(mu, exp(logvar)) || N(0, I)) of one row (0 when !want_sum); its gradient times gscale goes to gmu,

@@ -36,7 +36,7 @@ struct TypeTag {
 template <typename V>
 V bce(V x, V t, V& grad) {
   const V zero(0), one(1);
-  const V e = x.abs().neg().exp();                      // exp(-|x|) in (0, 1]: never overflows; NaN stays NaN
+  const V e = exp(x.abs().neg());                       // exp(-|x|) in (0, 1]: never overflows; NaN stays NaN
   grad = V::blendv(e, one, x >= zero) / (one + e) - t;  // sigmoid(x) - t
   // PyTorch's form (binary_cross_entropy_with_logits): the same NaN at infinite logits, where the limit
   // needs a convention PyTorch does not make.
@@ -149,11 +149,12 @@ double ordered_sum(const double* v, int64_t n) {
 // GAN
 
 // Sum of term T over x[0, n); gradient times gscale to grad (if given), and each element's loss added
-// to `each` (if given, math type, zeroed by the caller).
-// In double: a GAN loss is a scalar of a few logits, correctly rounded only from fp64 terms.
-template <Term T, typename scalar_t>
-double gan_block(const scalar_t* x, int64_t n, double param, scalar_t* grad, double gscale, double* each) {
-  using acc_t = double;
+// to `each` (if given, math type, zeroed by the caller). Terms in the math type (the inline exp and log1p
+// of cpu_math.h in fp32 lanes: fp64 terms cost ~5 ns an element in SLEEF's double exp and log1p), summed
+// in fp64: GAN terms have both signs, and a compensated fp32 sum per lane is only as accurate as its
+// lane's partial sum, which may be far larger than the total.
+template <Term T, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+double gan_block(const scalar_t* x, int64_t n, double param, scalar_t* grad, double gscale, acc_t* each) {
   using V = Vectorized<acc_t>;
   acc_t xbuf[kChunk], gbuf[kChunk];
   const V p(static_cast<acc_t>(param)), vg(static_cast<acc_t>(gscale));
@@ -165,7 +166,7 @@ double gan_block(const scalar_t* x, int64_t n, double param, scalar_t* grad, dou
     for (int64_t j = 0; j < len; j += V::size()) {
       const int64_t m = std::min<int64_t>(V::size(), len - j);
       V g;
-      const V loss = V::set(V(0), gan_term<T>(V::loadu(xs + j, m), p, g), m);
+      const V loss = V::set(V(0), gan_term<T>(V::loadu(xs + j, m), p, g), m);  // tail lanes: 0
       sum.add(loss);
       if (gs) (g * vg).store(gs + j, m);
       if (each) (V::loadu(each + j0 + j, m) + loss).store(each + j0 + j, m);
@@ -175,9 +176,9 @@ double gan_block(const scalar_t* x, int64_t n, double param, scalar_t* grad, dou
   return sum.total();
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 double gan_block_dispatch(Term term, const scalar_t* x, int64_t n, double param, scalar_t* grad, double gscale,
-                          double* each) {
+                          acc_t* each) {
   switch (term) {
     case Term::Bce: return gan_block<Term::Bce>(x, n, param, grad, gscale, each);
     case Term::Hinge: return gan_block<Term::Hinge>(x, n, param, grad, gscale, each);
@@ -206,7 +207,7 @@ at::Tensor gan_loss(const GanSegment (&segments)[2], Reduction reduction) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t first = blk * kGanBlock;
       for (int64_t c0 = first; c0 < std::min(n, first + kGanBlock); c0 += kChunk) {
-        double each[kChunk] = {};
+        at::opmath_type<scalar_t> each[kChunk] = {};
         for (int s = 0; s < 2; ++s) {
           const GanSegment& seg = segments[s];
           const int64_t len = std::min(kChunk, seg.x.numel() - c0);

@@ -1,10 +1,13 @@
 // CPU backend of reparameterization sampling and the Gaussian KL (contract in reparam.h).
 //
 // Noise: eps[i] = lane i % 4 of the Philox group i / 4 (common/philox.h). kChunk elements at a time,
-// the Philox bits of every group the chunk touches are made 8 groups at a time (AVX2 integer lanes; the
-// scalar engine of philox.h for the rest), then Box-Muller runs on vectors (log, sqrt, sin, cos of at::vec, SLEEF at 1
-// ulp). The noise is a function of the element index alone, so neither the thread count nor the cut of the work changes
-// a bit. Seed: one random64() draw from the CPU generator, under its lock; offset 0.
+// the Philox bits of every group the chunk touches are made a vector's lane count of groups at a time (8
+// on AVX2, 16 on AVX-512; the scalar engine of philox.h for the rest), then Box-Muller runs on vectors:
+// log, sin and cos inline (cpu_math.h, within 2 ulp of PyTorch's float32 functions; with SLEEF's the
+// sampling kernels took twice the time on AVX2),
+// sqrt in hardware. The noise is a function of the element index alone, so neither the thread count nor
+// the cut of the work changes a bit. Seed: one random64() draw from the CPU generator, under its lock;
+// offset 0.
 //
 // Math in the math type (fp32, fp64 for fp64). KL: kl_row of common/cpu_math.h (terms in the math type,
 // compensated lane sums, each row in index order); long rows are not split (one thread a row).
@@ -33,62 +36,80 @@ struct NoiseState {
   uint64_t seed, offset;
 };
 
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)  // 8 lanes of AVX2 integers
-// (hi, lo): the 32-bit halves of a * b in each of 8 lanes (b: the same 32-bit constant in every lane).
-inline void mulhilo8(__m256i a, __m256i b, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(a, b);                        // lanes 0, 2, 4, 6, as 64-bit products
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), b);  // lanes 1, 3, 5, 7
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// Philox4x32-10 on as many groups at once as a Vectorized<float> has lanes (8 on AVX2, 16 on AVX-512):
+// one 32-bit word of each group per integer lane.
+#ifdef CPU_CAPABILITY_AVX512
+using Words = __m512i;
+inline Words splat(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+inline Words lane_index() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+inline Words add(Words a, Words b) { return _mm512_add_epi32(a, b); }
+inline Words bit_xor(Words a, Words b) { return _mm512_xor_si512(a, b); }
+inline void mulhilo(Words a, Words b, Words& hi, Words& lo) {       // the 32-bit halves of a * b in each lane
+  const Words even = _mm512_mul_epu32(a, b);                        // lanes 0, 2, ... as 64-bit products
+  const Words odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), b);  // lanes 1, 3, ...
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+inline Vectorized<float> to_float(Words w) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8)); }
+#else
+using Words = __m256i;
+inline Words splat(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
+inline Words lane_index() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+inline Words add(Words a, Words b) { return _mm256_add_epi32(a, b); }
+inline Words bit_xor(Words a, Words b) { return _mm256_xor_si256(a, b); }
+inline void mulhilo(Words a, Words b, Words& hi, Words& lo) {
+  const Words even = _mm256_mul_epu32(a, b);
+  const Words odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), b);
   lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
+inline Vectorized<float> to_float(Words w) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)); }
+#endif
+constexpr int64_t kGroupsAtOnce = Vectorized<float>::size();
 
-inline __m256 uniform8(__m256i bits) {  // philox_uniform of each lane, the same float operations
-  const __m256 integer = _mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 8));
-  return _mm256_mul_ps(_mm256_add_ps(integer, _mm256_set1_ps(0.5f)), _mm256_set1_ps(5.9604644775390625e-08f));
+inline Vectorized<float> uniform(Words bits) {  // philox_uniform of each lane, the same float operations
+  using V = Vectorized<float>;
+  return (to_float(bits) + V(0.5f)) * V(5.9604644775390625e-08f);
 }
 
-// Uniform pairs of groups g .. g + 7 (philox_bits4 of each, 8 at a time): pair 2j from words (0, 1) of
-// group g + j, pair 2j + 1 from words (2, 3), radius and angle uniforms at radius_u[0, 16), angle_u[0, 16).
-// Needs uint32(g) + 7 not to wrap (the caller checks).
-void philox_pairs8(NoiseState state, uint64_t g, float* radius_u, float* angle_u) {
-  __m256i c0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(state.offset)));
-  __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(state.offset >> 32)));
-  __m256i c2 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))),
-                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32)));
+// Uniform pairs of groups g .. g + kGroupsAtOnce - 1 (philox_bits4 of each): pair 2j from words (0, 1) of
+// group g + j, pair 2j + 1 from words (2, 3); radius uniforms to radius_u, angle uniforms to angle_u
+// (2 kGroupsAtOnce each). Needs uint32(g) + kGroupsAtOnce - 1 not to wrap (the caller checks).
+void philox_pairs(NoiseState state, uint64_t g, float* radius_u, float* angle_u) {
+  Words c0 = splat(static_cast<uint32_t>(state.offset)), c1 = splat(static_cast<uint32_t>(state.offset >> 32));
+  Words c2 = add(splat(static_cast<uint32_t>(g)), lane_index()), c3 = splat(static_cast<uint32_t>(g >> 32));
   uint32_t k0 = static_cast<uint32_t>(state.seed), k1 = static_cast<uint32_t>(state.seed >> 32);
-  const __m256i multiplier_a = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m256i multiplier_b = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const Words multiplier_a = splat(0xD2511F53u), multiplier_b = splat(0xCD9E8D57u);
   for (int round = 0; round < 10; ++round, k0 += 0x9E3779B9u, k1 += 0xBB67AE85u) {
-    __m256i hi0, lo0, hi1, lo1;
-    mulhilo8(c0, multiplier_a, hi0, lo0);
-    mulhilo8(c2, multiplier_b, hi1, lo1);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    Words hi0, lo0, hi1, lo1;
+    mulhilo(c0, multiplier_a, hi0, lo0);
+    mulhilo(c2, multiplier_b, hi1, lo1);
+    c0 = bit_xor(bit_xor(hi1, c1), splat(k0));
     c1 = lo1;
-    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c2 = bit_xor(bit_xor(hi0, c3), splat(k1));
     c3 = lo0;
   }
-  // Interleave words 0 and 2 (radius), 1 and 3 (angle) into pair order.
-  const auto store_pairs = [](__m256 first, __m256 second, float* out) {
-    const __m256 lo = _mm256_unpacklo_ps(first, second), hi = _mm256_unpackhi_ps(first, second);
-    _mm256_storeu_ps(out, _mm256_permute2f128_ps(lo, hi, 0x20));
-    _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  const auto store_pairs = [](Words first, Words second, float* out) {  // into pair order
+    const auto [lo, hi] = at::vec::interleave2(uniform(first), uniform(second));
+    lo.store(out);
+    hi.store(out + kGroupsAtOnce);
   };
-  store_pairs(uniform8(c0), uniform8(c2), radius_u);
-  store_pairs(uniform8(c1), uniform8(c3), angle_u);
+  store_pairs(c0, c2, radius_u);
+  store_pairs(c1, c3, angle_u);
 }
 #endif
 
 // eps[first, first + len) (len <= kChunk) into buf (kChunk + 8 floats); returns where they start.
 const float* fill_noise(NoiseState state, int64_t first, int64_t len, float* buf) {
   using V = Vectorized<float>;
-  constexpr int64_t kPairs = kChunk / 2 + 16;  // Box-Muller pairs of the groups a chunk can touch, rounded up
-  float radius_u[kPairs], angle_u[kPairs], cos_part[kPairs], sin_part[kPairs];
+  constexpr int64_t kPairs = kChunk / 2 + 2 * V::size();  // Box-Muller pairs of the groups a chunk touches
+  float radius_u[kPairs], angle_u[kPairs];
   const int64_t g0 = first / 4, g1 = (first + len + 3) / 4;
   int64_t g = g0;
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)  // 8 lanes of AVX2 integers
-  for (; g + 8 <= g1 && static_cast<uint32_t>(g) <= 0xFFFFFFF8u; g += 8)
-    philox_pairs8(state, static_cast<uint64_t>(g), radius_u + 2 * (g - g0), angle_u + 2 * (g - g0));
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  for (; g + kGroupsAtOnce <= g1 && static_cast<uint32_t>(g) <= 0xFFFFFFFFu - (kGroupsAtOnce - 1); g += kGroupsAtOnce)
+    philox_pairs(state, static_cast<uint64_t>(g), radius_u + 2 * (g - g0), angle_u + 2 * (g - g0));
 #endif
   for (; g < g1; ++g) {
     const Bits4 bits = philox_bits4(state.seed, state.offset, static_cast<uint64_t>(g));
@@ -97,16 +118,17 @@ const float* fill_noise(NoiseState state, int64_t first, int64_t len, float* buf
       angle_u[2 * (g - g0) + k / 2] = philox_uniform(bits.v[k + 1]);
     }
   }
+  // Box-Muller on vectors of pairs; normals 2p and 2p + 1 from pair p, interleaved into buf.
   const int64_t pairs = 2 * (g1 - g0);
-  const V minus_two(-2.0f), two_pi(6.283185307179586f);
   for (int64_t p = 0; p < pairs; p += V::size()) {
     const int64_t m = std::min<int64_t>(V::size(), pairs - p);
-    const V r = (minus_two * V::loadu(radius_u + p, m).log()).sqrt();  // unused lanes: log(0), never stored
-    const V theta = two_pi * V::loadu(angle_u + p, m);
-    (r * theta.cos()).store(cos_part + p, m);
-    (r * theta.sin()).store(sin_part + p, m);
+    const V radius = (V(-2.0f) * log_positive(V::loadu(radius_u + p, m))).sqrt();
+    V cos_theta, sin_theta;
+    sincos_circle(V(6.283185307179586f) * V::loadu(angle_u + p, m), cos_theta, sin_theta);
+    const auto [lo, hi] = at::vec::interleave2(radius * cos_theta, radius * sin_theta);
+    lo.store(buf + 2 * p, std::min<int64_t>(2 * m, V::size()));
+    if (2 * m > V::size()) hi.store(buf + 2 * p + V::size(), 2 * m - V::size());
   }
-  for (int64_t p = 0; p < pairs; ++p) buf[2 * p] = cos_part[p], buf[2 * p + 1] = sin_part[p];
   return buf + (first - 4 * g0);
 }
 
@@ -135,14 +157,14 @@ void map_with_noise(NoiseState state, const scalar_t* a, const scalar_t* logvar,
 struct Sample {  // z = mu + exp(0.5 logvar) eps
   template <typename V>
   V operator()(V mu, V logvar, V eps) const {
-    return mu + (V(0.5) * logvar).exp() * eps;
+    return mu + cpu_math::exp(V(0.5) * logvar) * eps;
   }
 };
 
 struct SampleGradient {  // grad_logvar = 0.5 grad_z eps exp(0.5 logvar)
   template <typename V>
   V operator()(V grad_z, V logvar, V eps) const {
-    return V(0.5) * grad_z * eps * (V(0.5) * logvar).exp();
+    return V(0.5) * grad_z * eps * cpu_math::exp(V(0.5) * logvar);
   }
 };
 
