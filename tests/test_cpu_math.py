@@ -1,5 +1,5 @@
 """The float math functions of csrc/common/cpu_math.h that replace SLEEF's (expm1 in the KL, log1p in the BCE
-and softplus, exp in reparameterization and the BCE), read through the CPU kernels that use them, against float64 over their whole range: at most
+and softplus, exp in reparameterization and the BCE, Box-Muller's log, sin and cos), read through the CPU kernels that use them, against float64 over their whole range: at most
 twice the error of PyTorch's own float32 evaluation of the same expression (the tolerance rule, in ulps),
 special values as PyTorch's. Every CPU capability this machine runs (csrc/common/cpu_capability.h), each in
 a child process.
@@ -149,6 +149,31 @@ def check(name: str) -> str:
     return f"{name}: max {float(ours_ulps.max()):.2f} ulp, PyTorch {float(eager_ulps.max()):.2f} ulp"
 
 
+def check_noise() -> str:
+    """The CPU's Box-Muller (inline log, sin, cos) against float64 from the same uniforms and float32
+    angle, in float32 ulps of the radius (sin and cos near 0 carry no relative accuracy in either):
+    at most twice the error of PyTorch's float32 evaluation (genfast.reference.philox_normal)."""
+    from genfast import reference
+
+    n, seed = 1 << 20, int(_NOISE_STATE[0])
+    groups = torch.arange((n + 3) // 4)
+    uniform = [
+        ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24 for bits in reference.philox_bits(seed, 0, groups)
+    ]
+    exact, radii = [], []
+    for radius_u, angle_u in (uniform[0:2], uniform[2:4]):
+        radius = torch.sqrt(-2.0 * torch.log(radius_u.double()))
+        angle = (6.283185307179586 * angle_u).double()  # rounded to float32, as every CPU evaluation does
+        exact += [radius * torch.cos(angle), radius * torch.sin(angle)]
+        radii += [radius, radius]
+    exact, radius = (torch.stack(t, dim=1).reshape(-1)[:n] for t in (exact, radii))
+    spacing = (torch.nextafter(radius.float(), torch.tensor(float("inf"))) - radius.float()).double()
+    ours = float(((_kernel_noise(n).double() - exact).abs() / spacing).max())
+    eager = float(((reference.philox_normal(seed, 0, n).double() - exact).abs() / spacing).max())
+    assert ours <= 2 * max(eager, 0.5), f"noise: {ours:.2f} ulp of the radius, PyTorch's float32 {eager:.2f}"
+    return f"noise: max {ours:.2f} ulp of the radius, PyTorch {eager:.2f}"
+
+
 _CHILD = """
 import sys
 from tests.test_cpu_math import check
@@ -160,3 +185,14 @@ print(check(sys.argv[1]))
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
 def test_float_math_within_twice_pytorchs_error_over_the_whole_range(name, capability):
     print(capability, run_pinned(capability, _CHILD, name).strip())
+
+
+@pytest.mark.parametrize("capability", _supported_capabilities())
+def test_noise_within_twice_pytorchs_error(capability):
+    print(capability, run_pinned(capability, _NOISE_CHILD).strip())
+
+
+_NOISE_CHILD = """
+from tests.test_cpu_math import check_noise
+print(check_noise())
+"""

@@ -155,6 +155,16 @@ def check_gan(backend, real, fake, kind, reduction, smoothing=0.0, weights=None)
         assert_within_rule(f"{backend} {kind} {reduction} {real.dtype} {label}", ours, eager, ref)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gan_non_contiguous_logits_match_reference(backend, kind):
+    require_backend(backend, "cpu")
+    real, fake = (t.t() for t in gan_inputs((101, 33), torch.float32))  # transposed views
+    assert not real.is_contiguous() and not fake.is_contiguous()
+    for reduction in REDUCTIONS:
+        check_gan(backend, real, fake, kind, reduction)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -3,11 +3,9 @@
 // Noise: eps[i] = lane i % 4 of the Philox group i / 4 (common/philox.h). kChunk elements at a time,
 // the Philox bits of every group the chunk touches are made a vector's lane count of groups at a time (8
 // on AVX2, 16 on AVX-512; the scalar engine of philox.h for the rest), then Box-Muller runs on vectors:
-// log, sin and cos inline (cpu_math.h, within 2 ulp of PyTorch's float32 functions; with SLEEF's the
-// sampling kernels took twice the time on AVX2),
-// sqrt in hardware. The noise is a function of the element index alone, so neither the thread count nor
-// the cut of the work changes a bit. Seed: one random64() draw from the CPU generator, under its lock;
-// offset 0.
+// log, sin and cos inline (cpu_math.h), sqrt in hardware. The noise is a function of the element index
+// alone, so neither the thread count nor the cut of the work changes a bit. Seed: one random64() draw from the CPU
+// generator, under its lock; offset 0.
 //
 // Math in the math type (fp32, fp64 for fp64). KL: kl_row of common/cpu_math.h (terms in the math type,
 // compensated lane sums, each row in index order); long rows are not split (one thread a row).
@@ -122,7 +120,7 @@ const float* fill_noise(NoiseState state, int64_t first, int64_t len, float* buf
   const int64_t pairs = 2 * (g1 - g0);
   for (int64_t p = 0; p < pairs; p += V::size()) {
     const int64_t m = std::min<int64_t>(V::size(), pairs - p);
-    const V radius = (V(-2.0f) * log_positive(V::loadu(radius_u + p, m))).sqrt();
+    const V radius = (V(-2.0f) * log_positive(V::loadu(radius_u + p, m))).sqrt();  // lanes past m: never stored
     V cos_theta, sin_theta;
     sincos_circle(V(6.283185307179586f) * V::loadu(angle_u + p, m), cos_theta, sin_theta);
     const auto [lo, hi] = at::vec::interleave2(radius * cos_theta, radius * sin_theta);
