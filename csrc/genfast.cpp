@@ -89,6 +89,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kl_forward_cpu", &genfast::kl_forward_cpu);
   m.def("kl_backward_cpu", &genfast::kl_backward_cpu);
   m.def("reparam_kl_forward_cpu", &genfast::reparam_kl_forward_cpu);
+  m.def("reparam_kl_backward_cpu", &genfast::reparam_kl_backward_cpu);
 #ifdef GENFAST_WITH_CUDA
   m.def("dense_forward_cuda", &genfast::dense_forward_cuda);
   m.def("dense_backward_cuda", &genfast::dense_backward_cuda);
@@ -97,6 +98,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kl_forward_cuda", &genfast::kl_forward_cuda);
   m.def("kl_backward_cuda", &genfast::kl_backward_cuda);
   m.def("reparam_kl_forward_cuda", &genfast::reparam_kl_forward_cuda);
+  m.def("reparam_kl_backward_cuda", &genfast::reparam_kl_backward_cuda);
 #endif
   // losses
   m.def("loss_codes", &loss_codes);

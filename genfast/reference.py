@@ -323,3 +323,14 @@ def reparam_kl_forward(
     mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     return (*reparam_forward(mu, logvar, generator), kl_forward(mu, logvar))
+
+
+def reparam_kl_backward(
+    grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, rng_state: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(grad_mu, grad_logvar) of reparam_kl_forward: the sampling and KL gradients summed, rounded once."""
+    eps = noise(rng_state, logvar.shape).double()
+    g = grad_kl.double().view(*mu.shape[:-1], 1)
+    gz, m, lv = grad_z.double(), mu.double(), logvar.double()
+    grad_logvar = 0.5 * (gz * eps * torch.exp(0.5 * lv) + g * torch.expm1(lv))
+    return (gz + g * m).to(mu.dtype), grad_logvar.to(mu.dtype)

@@ -85,14 +85,19 @@ def test_asyncio_tasks_keep_their_own_pins():
     assert asyncio.run(both()) == ["reference", "cpu"]
 
 
-@pytest.mark.parametrize("op", ["dense", "reparameterize", "kl"])
+@pytest.mark.parametrize("op", ["dense", "reparameterize", "kl", "reparameterize_kl"])
 def test_backward_runs_where_its_forward_ran(op, monkeypatch):
     """Backward on another thread (as autograd's device threads run it) or outside the pin's block."""
     require_backend("cpu", "cpu")
     from genfast.ops import dense, reparam
 
     calls = []
-    for backward_op in (dense.BACKWARD, reparam.SAMPLE_BACKWARD, reparam.KL_BACKWARD):
+    for backward_op in (
+        dense.BACKWARD,
+        reparam.SAMPLE_BACKWARD,
+        reparam.KL_BACKWARD,
+        reparam.SAMPLE_KL_BACKWARD,
+    ):
         kernel = backward_op.kernel("reference")
         monkeypatch.setitem(
             backward_op._resolved,
@@ -105,6 +110,9 @@ def test_backward_runs_where_its_forward_ran(op, monkeypatch):
             out = genfast.fused_dense(a, b, None, activation="tanh")
         elif op == "reparameterize":
             out = genfast.reparameterize(a, b)
+        elif op == "reparameterize_kl":  # z and the KL both used: the fused backward kernel
+            z, kl = genfast.reparameterize_kl(a, b, reduction="none")
+            out = z.sum() + kl.sum()
         else:  # "none": the op with a backward kernel (a reduced KL scales the gradient its forward wrote)
             out = genfast.kl_divergence(a, b, reduction="none")
     thread = threading.Thread(target=lambda: out.sum().backward())

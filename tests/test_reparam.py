@@ -153,14 +153,22 @@ def seeded(seed: int, device="cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-KERNEL_NAMES = ("reparam_forward", "reparam_backward", "kl_forward", "kl_backward", "reparam_kl_forward")
+KERNEL_NAMES = (
+    "reparam_forward",
+    "reparam_backward",
+    "kl_forward",
+    "kl_backward",
+    "reparam_kl_forward",
+    "reparam_kl_backward",
+)
 
 
 @pytest.fixture
 def kernels(backend, device):
     """The backend's kernels, as the ops call them: reparam_forward(mu, logvar, generator) -> (z, rng_state),
     reparam_backward(grad_z, logvar, rng_state), kl_forward(mu, logvar) -> (rows,) float64,
-    kl_backward(grad_kl, mu, logvar), reparam_kl_forward(mu, logvar, generator) -> (z, rng_state, kl)."""
+    kl_backward(grad_kl, mu, logvar), reparam_kl_forward(mu, logvar, generator) -> (z, rng_state, kl),
+    reparam_kl_backward(grad_z, grad_kl, mu, logvar, rng_state) -> (grad_mu, grad_logvar)."""
     require_backend(backend, device)
     if backend == "reference":
         return reference
@@ -407,6 +415,10 @@ def test_misaligned_storage_and_nd_shapes(kernels, backend, device, offset, dtyp
     assert torch.equal(kernels.kl_forward(mu, logvar), kernels.kl_forward(*aligned))
     grad_kl = torch.randn(21, device=device, dtype=torch.float64)
     for ours, want in zip(kernels.kl_backward(grad_kl, mu, logvar), kernels.kl_backward(grad_kl, *aligned)):
+        assert torch.equal(ours, want)
+    fused_grads = kernels.reparam_kl_backward(grad_z, grad_kl, mu, logvar, rng_state)
+    aligned_grads = kernels.reparam_kl_backward(grad_z.clone(), grad_kl, *aligned, rng_state)
+    for ours, want in zip(fused_grads, aligned_grads):
         assert torch.equal(ours, want)
     torch.manual_seed(22)
     fused = kernels.reparam_kl_forward(mu, logvar, None)
@@ -704,6 +716,39 @@ def test_kernel_fused_sample_and_kl_equal_the_separate_kernels(kernels, backend,
     check_kl(f"{shape} {dtype}", kl, mu, logvar)
 
 
+@pytest.mark.parametrize(
+    "backend, device, shape, dtype",
+    cases(
+        {
+            REFERENCE: grid(FUSED_SHAPES[:-1], CPU_DTYPES),
+            CPU: grid(FUSED_SHAPES, CPU_DTYPES),
+            TRITON: grid(FUSED_SHAPES[:-1], INTERPRETER_DTYPES),
+            CUDA: grid(FUSED_SHAPES, GPU_DTYPES),
+        }
+    ),
+)
+def test_kernel_fused_backward_is_the_sum_of_both_gradients(kernels, backend, device, shape, dtype):
+    """reparam_kl_backward: grad_z + g mu and the sampling plus the KL gradient of logvar, with the
+    forward's noise, against eager PyTorch's sum of the two gradients at the dtype and float64."""
+    mu, logvar = inputs(shape, dtype, device)
+    z, rng_state, kl = kernels.reparam_kl_forward(mu, logvar, seeded(5, device))
+    eps = drawn_noise(rng_state, shape)
+    grad_z = torch.randn(shape, device=device, dtype=torch.float64).to(dtype)
+    grad_kl = torch.randn(kl.shape, device=device, dtype=torch.float64)
+    grad_mu, grad_logvar = kernels.reparam_kl_backward(grad_z, grad_kl, mu, logvar, rng_state)
+    assert grad_mu.dtype == dtype and grad_mu.shape == shape and grad_logvar.shape == shape
+    g, g64 = grad_kl.view(-1, 1).to(dtype), grad_kl.view(-1, 1)
+    gz64, mu64, lv64, eps64 = grad_z.double(), mu.double(), logvar.double(), eps.double()
+    assert_within_rule(f"{shape} {dtype} grad_mu", grad_mu, grad_z + g * mu, gz64 + g64 * mu64)
+    eager = 0.5 * grad_z * eps.to(dtype) * torch.exp(0.5 * logvar) + 0.5 * g * torch.expm1(logvar)
+    exact = 0.5 * gz64 * eps64 * torch.exp(0.5 * lv64) + 0.5 * g64 * torch.expm1(lv64)
+    assert_within_rule(f"{shape} {dtype} grad_logvar", grad_logvar, eager, exact)
+    # The same noise as the sampling kernel's backward: with grad_kl = 0 the sums are that gradient alone.
+    alone = kernels.reparam_backward(grad_z, logvar, rng_state)
+    zero_kl = kernels.reparam_kl_backward(grad_z, torch.zeros_like(grad_kl), mu, logvar, rng_state)[1]
+    torch.testing.assert_close(zero_kl, alone, rtol=2 * torch.finfo(dtype).eps, atol=0)
+
+
 @pytest.mark.parametrize("backend, device, dtype", cases({pair: grid(INTERPRETER_DTYPES) for pair in ON_CPU}))
 def test_kernel_kl_bits_are_the_same_run_to_run_and_fused_with_a_generator(kernels, backend, device, dtype):
     mu, logvar = inputs((9, 3, 101), dtype, device)
@@ -933,6 +978,7 @@ def test_triton_results_do_not_depend_on_the_block_size(kernels, backend, device
     kl = kernels.kl_forward(mu, logvar)
     grad_kl = torch.randn(kl.shape, dtype=kl.dtype)
     kl_grads = kernels.kl_backward(grad_kl, mu, logvar)
+    fused_grads = kernels.reparam_kl_backward(grad_z, grad_kl, mu, logvar, rng_state)
     for block in (16, 64):
         assert torch.equal(kernels.reparam_forward(mu, logvar, seeded(3), block=block)[0], z), block
         assert torch.equal(kernels.reparam_backward(grad_z, logvar, rng_state, block=block), grad_logvar)
@@ -941,6 +987,9 @@ def test_triton_results_do_not_depend_on_the_block_size(kernels, backend, device
         fused_z, _, fused_kl = kernels.reparam_kl_forward(mu, logvar, seeded(3), block=block)
         assert torch.equal(fused_z, z) and torch.equal(fused_kl, kl), block
         for ours, want in zip(kernels.kl_backward(grad_kl, mu, logvar, block=block), kl_grads):
+            assert torch.equal(ours, want), block
+        fused = kernels.reparam_kl_backward(grad_z, grad_kl, mu, logvar, rng_state, block=block)
+        for ours, want in zip(fused, fused_grads):
             assert torch.equal(ours, want), block
 
 
@@ -1058,25 +1107,36 @@ def test_public_bad_devices_are_refused(kernels, backend, device):
             genfast.reparameterize(mu, logvar, generator=torch.Generator())
 
 
-@pytest.mark.parametrize("backend, device", on(CUDA))
+@pytest.mark.parametrize("backend, device", on(CPU, CUDA))
 def test_kernel_bad_arguments_are_refused(kernels, backend, device):
     mu, logvar = inputs((10, 4), torch.float32, device)
+    grad_kl = torch.ones(10, device=device, dtype=torch.float64)
+    state = torch.zeros(2, dtype=torch.int64, device=device)
     cases = [
-        (lambda: kernels.reparam_forward(mu, logvar.cpu(), None), "CUDA"),
         (lambda: kernels.reparam_forward(mu, logvar.double(), None), "dtype"),
         (lambda: kernels.reparam_forward(mu, logvar[:, :3].contiguous(), None), "shape"),
         (lambda: kernels.reparam_forward(mu.t(), logvar.t(), None), "contiguous"),
         (lambda: kernels.reparam_forward(mu.int(), logvar.int(), None), "float"),
-        (lambda: kernels.reparam_forward(mu, logvar, torch.Generator()), "cuda"),
         (
             lambda: kernels.reparam_backward(mu, logvar, torch.zeros(3, dtype=torch.int64, device=device)),
             "shape",
         ),
         (lambda: kernels.reparam_backward(mu, logvar, torch.zeros(2, device=device)), "int64"),
         (lambda: kernels.kl_forward(mu[0, 0], logvar[0, 0]), "dimension"),
-        (lambda: kernels.kl_backward(torch.ones(9, device=device, dtype=torch.float64), mu, logvar), "shape"),
-        (lambda: kernels.kl_backward(torch.ones(10, device=device).half(), mu, logvar), "Double"),
+        (lambda: kernels.kl_backward(grad_kl[:9], mu, logvar), "shape"),
+        (lambda: kernels.kl_backward(grad_kl.half(), mu, logvar), "Double"),
+        (lambda: kernels.reparam_kl_backward(mu[:5], grad_kl, mu, logvar, state), "shape"),
+        (lambda: kernels.reparam_kl_backward(mu.double(), grad_kl, mu, logvar, state), "dtype"),
+        (lambda: kernels.reparam_kl_backward(mu, grad_kl[:9], mu, logvar, state), "shape"),
+        (lambda: kernels.reparam_kl_backward(mu, grad_kl.float(), mu, logvar, state), "Double"),
+        (lambda: kernels.reparam_kl_backward(mu, grad_kl, mu, logvar, state[:1]), "shape"),
     ]
+    if device == "cuda":
+        cases += [
+            (lambda: kernels.reparam_forward(mu, logvar.cpu(), None), "CUDA"),
+            (lambda: kernels.reparam_forward(mu, logvar, torch.Generator()), "cuda"),
+            (lambda: kernels.reparam_kl_backward(mu, grad_kl.cpu(), mu, logvar, state), "CUDA"),
+        ]
     for call, words in cases:
         with pytest.raises(RuntimeError, match=words):
             call()
@@ -1104,6 +1164,16 @@ def test_opcheck(backend, device, layout):
             (
                 ops.kl_rows_backward.default,
                 (arrange(torch.randn(7, dtype=torch.float64)), mu.detach(), logvar.detach()),
+            ),
+            (
+                ops.reparameterize_kl_backward.default,
+                (
+                    arrange(torch.randn(7, 20)),
+                    torch.randn(7, dtype=torch.float64),
+                    mu.detach(),
+                    logvar.detach(),
+                    rng_state,
+                ),
             ),
         ):
             torch.library.opcheck(op, args)
@@ -1304,6 +1374,8 @@ def test_kernel_empty_tensors(kernels, backend, device, shape):
     z, rng_state, kl = kernels.reparam_kl_forward(mu, logvar, None)
     assert z.shape == shape and torch.equal(kl, torch.zeros(rows, device=device, dtype=torch.float64))
     assert torch.equal(rng_state, torch.zeros(2, dtype=torch.int64, device=device))
+    grads = kernels.reparam_kl_backward(z, torch.ones_like(kl), mu, logvar, rng_state)
+    assert all(grad.shape == shape for grad in grads)
     assert default_generator_state(device) == state
 
 

@@ -149,6 +149,7 @@ def test_every_triton_variant_compiles_for_sm80_and_sm90(compiled):
         "_sample_kernel",
         "_kl_rows_kernel",
         "_kl_backward_kernel",
+        "_sample_kl_backward_kernel",
         "_elbo_row_kernel",
         "_gan_kernel",
         "_finish_kernel",

@@ -165,7 +165,8 @@ def launch_reparam() -> None:
             z, state = reparam.reparam_forward(mu, logvar)
             reparam.reparam_backward(z, logvar, state)
             reparam.kl_backward(reparam.kl_forward(mu, logvar), mu, logvar)
-            reparam.reparam_kl_forward(mu, logvar)
+            z, state, kl = reparam.reparam_kl_forward(mu, logvar)
+            reparam.reparam_kl_backward(z, kl, mu, logvar, state)
 
 
 def launch_losses() -> None:

@@ -47,6 +47,7 @@ GENFAST_DECLARE_VARIANTS(reparam_backward_cpu)
 GENFAST_DECLARE_VARIANTS(kl_forward_cpu)
 GENFAST_DECLARE_VARIANTS(kl_backward_cpu)
 GENFAST_DECLARE_VARIANTS(reparam_kl_forward_cpu)
+GENFAST_DECLARE_VARIANTS(reparam_kl_backward_cpu)
 
 std::string cpu_capability_name(CpuCapability capability) {
   switch (capability) {
@@ -161,6 +162,12 @@ std::vector<at::Tensor> kl_backward_cpu(const at::Tensor& grad_kl, const at::Ten
 std::vector<at::Tensor> reparam_kl_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
                                                c10::optional<at::Generator> generator) {
   return GENFAST_CPU_KERNEL(reparam_kl_forward_cpu)(mu, logvar, std::move(generator));
+}
+
+std::vector<at::Tensor> reparam_kl_backward_cpu(const at::Tensor& grad_z, const at::Tensor& grad_kl,
+                                                const at::Tensor& mu, const at::Tensor& logvar,
+                                                const at::Tensor& rng_state) {
+  return GENFAST_CPU_KERNEL(reparam_kl_backward_cpu)(grad_z, grad_kl, mu, logvar, rng_state);
 }
 
 }  // namespace genfast

@@ -21,10 +21,15 @@
 // kl_backward(grad_kl (rows,) in float64, mu, logvar) -> {grad_mu, grad_logvar} in mu's dtype
 //   grad_mu = grad_kl[r] * mu;  grad_logvar = 0.5 * grad_kl[r] * expm1(logvar)
 // reparam_kl_forward(mu, logvar, generator) -> {z, rng_state, kl}: both in one pass over mu and logvar.
+// reparam_kl_backward(grad_z, grad_kl, mu, logvar, rng_state) -> {grad_mu, grad_logvar}: the sums of the
+//   sampling and KL gradients in one pass, each rounded once:
+//   grad_mu = grad_z + grad_kl[r] * mu;  grad_logvar = 0.5 * (grad_z * eps * exp(0.5 * logvar) +
+//   grad_kl[r] * expm1(logvar))
 //
 // mu and logvar: same shape, dtype (float16/bfloat16/float32/float64), device; contiguous (the Python
 // layer makes them so). Indices are int64. Bytes: forward reads mu and logvar, writes z (and kl);
-// backward reads grad_z and logvar, writes grad_logvar; kl_backward reads mu, logvar, writes two grads.
+// backward reads grad_z and logvar, writes grad_logvar; kl_backward reads mu, logvar, writes two grads;
+// reparam_kl_backward reads grad_z, mu, logvar, writes two grads.
 #pragma once
 
 #include <torch/extension.h>
@@ -43,6 +48,9 @@ at::Tensor kl_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar);
 std::vector<at::Tensor> kl_backward_cpu(const at::Tensor& grad_kl, const at::Tensor& mu, const at::Tensor& logvar);
 std::vector<at::Tensor> reparam_kl_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar,
                                                c10::optional<at::Generator> generator);
+std::vector<at::Tensor> reparam_kl_backward_cpu(const at::Tensor& grad_z, const at::Tensor& grad_kl,
+                                                const at::Tensor& mu, const at::Tensor& logvar,
+                                                const at::Tensor& rng_state);
 
 #ifdef GENFAST_WITH_CUDA
 std::vector<at::Tensor> reparam_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
@@ -52,6 +60,9 @@ at::Tensor kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar);
 std::vector<at::Tensor> kl_backward_cuda(const at::Tensor& grad_kl, const at::Tensor& mu, const at::Tensor& logvar);
 std::vector<at::Tensor> reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
                                                 c10::optional<at::Generator> generator);
+std::vector<at::Tensor> reparam_kl_backward_cuda(const at::Tensor& grad_z, const at::Tensor& grad_kl,
+                                                 const at::Tensor& mu, const at::Tensor& logvar,
+                                                 const at::Tensor& rng_state);
 #endif
 
 GENFAST_CAPABILITY_NS_END

@@ -10,7 +10,8 @@
 // Math in the math type (fp32, fp64 for fp64). KL: kl_row of common/cpu_math.h (terms in the math type,
 // compensated lane sums, each row in index order); long rows are not split (one thread a row).
 // Bytes (e per element, n elements, r rows): forward reads 2en, writes en; backward reads 2en, writes
-// en; kl_forward reads 2en, writes 8r; kl_backward reads 2en + 8r, writes 2en.
+// en; kl_forward reads 2en, writes 8r; kl_backward reads 2en + 8r, writes 2en; reparam_kl_backward
+// reads 3en + 8r, writes 2en.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Generator.h>
@@ -152,6 +153,46 @@ void map_with_noise(NoiseState state, const scalar_t* a, const scalar_t* logvar,
   }
 }
 
+// Both gradients of reparam_kl for elements [first, first + len) (flat index; the row of element i is
+// i / cols, its KL gradient g = grad_kl[row]): grad_mu = grad_z + g mu, grad_logvar = 0.5 (grad_z eps
+// exp(0.5 logvar) + g expm1(logvar)), in the math type, each rounded once. One pass where the sampling
+// and KL backward kernels and two adds took five; cut by elements, not rows, so short rows (a latent of
+// 20) still draw their noise a vector of Philox groups at a time.
+template <typename scalar_t>
+void sample_kl_gradients(NoiseState state, const scalar_t* grad_z, const double* grad_kl, const scalar_t* mu,
+                         const scalar_t* logvar, scalar_t* grad_mu, scalar_t* grad_logvar, int64_t cols, int64_t first,
+                         int64_t len) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vectorized<acc_t>;
+  const V half(acc_t(0.5));
+  float noise[kChunk + 8];
+  acc_t gzbuf[kChunk], mbuf[kChunk], lbuf[kChunk], ebuf[kChunk], gbuf[kChunk], gmbuf[kChunk], glbuf[kChunk];
+  int64_t row = first / cols, col = first - row * cols;  // of element j0 + j, advanced as j runs
+  for (int64_t j0 = first; j0 < first + len; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, first + len - j0);
+    for (int64_t j = 0; j < n;) {  // a run of one row's g at a time
+      const int64_t run = std::min(n - j, cols - col);
+      std::fill(gbuf + j, gbuf + j + run, static_cast<acc_t>(grad_kl[row]));
+      j += run, col += run;
+      if (col == cols) col = 0, ++row;
+    }
+    const acc_t* eps = as_math(fill_noise(state, j0, n, noise), ebuf, n, acc_t(1));
+    const acc_t* gzs = as_math(grad_z + j0, gzbuf, n, acc_t(1));
+    const acc_t* ms = as_math(mu + j0, mbuf, n, acc_t(1));
+    const acc_t* ls = as_math(logvar + j0, lbuf, n, acc_t(1));
+    acc_t* gm = grad_slot<acc_t>(grad_mu + j0, gmbuf);
+    acc_t* gl = grad_slot<acc_t>(grad_logvar + j0, glbuf);
+    for (int64_t j = 0; j < n; j += V::size()) {
+      const int64_t m = std::min<int64_t>(V::size(), n - j);
+      const V gz = V::loadu(gzs + j, m), lv = V::loadu(ls + j, m), g = V::loadu(gbuf + j, m);
+      (gz + g * V::loadu(ms + j, m)).store(gm + j, m);
+      (half * (gz * V::loadu(eps + j, m) * cpu_math::exp(half * lv) + g * expm1(lv))).store(gl + j, m);
+    }
+    store_grad(gmbuf, grad_mu + j0, n);
+    store_grad(glbuf, grad_logvar + j0, n);
+  }
+}
+
 struct Sample {  // z = mu + exp(0.5 logvar) eps
   template <typename V>
   V operator()(V mu, V logvar, V eps) const {
@@ -198,6 +239,13 @@ NoiseState draw_noise(const c10::optional<at::Generator>& generator, at::Tensor&
   return {seed, 0};
 }
 
+void check_grad_kl(const at::Tensor& grad_kl, const at::Tensor& mu) {
+  CHECK_CPU(grad_kl);
+  CHECK_CONTIGUOUS(grad_kl);
+  TORCH_CHECK(grad_kl.scalar_type() == kl_dtype(mu), "grad_kl must be ", kl_dtype(mu), ", got ", grad_kl.scalar_type());
+  CHECK_SHAPE(grad_kl, rows_of(mu));
+}
+
 NoiseState read_noise(const at::Tensor& rng_state) {
   CHECK_CPU(rng_state);
   TORCH_CHECK(rng_state.scalar_type() == at::kLong, "rng_state must be int64, got ", rng_state.scalar_type());
@@ -216,10 +264,11 @@ void rows_pass(const at::Tensor& mu, const at::Tensor& logvar, at::Tensor* z, No
     double* kp = kl.data_ptr<double>();
     at::parallel_for(
         0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) {
-            if (zp) map_with_noise(state, mp, lp, zp, r * cols, cols, Sample{});
+          // z of the whole block in one call: short rows (a latent of 20) would each draw fewer
+          // Philox groups than a vector holds, and the block's mu and logvar are still in cache for the KL.
+          if (zp) map_with_noise(state, mp, lp, zp, begin * cols, (end - begin) * cols, Sample{});
+          for (int64_t r = begin; r < end; ++r)
             kp[r] = kl_row(mp + r * cols, lp + r * cols, (scalar_t*)nullptr, (scalar_t*)nullptr, cols, 1.0);
-          }
         });
   });
 }
@@ -272,11 +321,8 @@ at::Tensor kl_forward_cpu(const at::Tensor& mu, const at::Tensor& logvar) {
 std::vector<at::Tensor> kl_backward_cpu(const at::Tensor& grad_kl, const at::Tensor& mu, const at::Tensor& logvar) {
   check_pair(mu, logvar);
   check_rows(mu);
-  CHECK_CPU(grad_kl);
-  CHECK_CONTIGUOUS(grad_kl);
-  TORCH_CHECK(grad_kl.scalar_type() == kl_dtype(mu), "grad_kl must be ", kl_dtype(mu), ", got ", grad_kl.scalar_type());
+  check_grad_kl(grad_kl, mu);
   const int64_t cols = mu.size(-1), rows = rows_of(mu);
-  CHECK_SHAPE(grad_kl, rows);
   at::Tensor grad_mu = at::empty_like(mu), grad_logvar = at::empty_like(logvar);
   if (mu.numel() == 0) return {grad_mu, grad_logvar};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "kl_backward_cpu", [&] {
@@ -304,6 +350,34 @@ std::vector<at::Tensor> reparam_kl_forward_cpu(const at::Tensor& mu, const at::T
   const NoiseState state = draw_noise(generator, rng_state);
   rows_pass(mu, logvar, &z, state, kl);
   return {z, rng_state, kl};
+}
+
+std::vector<at::Tensor> reparam_kl_backward_cpu(const at::Tensor& grad_z, const at::Tensor& grad_kl,
+                                                const at::Tensor& mu, const at::Tensor& logvar,
+                                                const at::Tensor& rng_state) {
+  check_pair(mu, logvar);
+  CHECK_CPU(grad_z);
+  CHECK_CONTIGUOUS(grad_z);
+  CHECK_SAME_DTYPE(grad_z, mu);
+  CHECK_SAME_SHAPE(grad_z, mu);
+  check_rows(mu);
+  check_grad_kl(grad_kl, mu);
+  const NoiseState state = read_noise(rng_state);
+  const int64_t cols = mu.size(-1);
+  at::Tensor grad_mu = at::empty_like(mu), grad_logvar = at::empty_like(logvar);
+  if (mu.numel() == 0) return {grad_mu, grad_logvar};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparam_kl_backward_cpu", [&] {
+    const double* gp = grad_kl.data_ptr<double>();
+    const scalar_t* gzp = grad_z.data_ptr<scalar_t>();
+    const scalar_t* mp = mu.data_ptr<scalar_t>();
+    const scalar_t* lp = logvar.data_ptr<scalar_t>();
+    scalar_t* gmp = grad_mu.data_ptr<scalar_t>();
+    scalar_t* glp = grad_logvar.data_ptr<scalar_t>();
+    at::parallel_for(0, mu.numel(), kGrainElements, [&](int64_t begin, int64_t end) {
+      sample_kl_gradients(state, gzp, gp, mp, lp, gmp, glp, cols, begin, end - begin);
+    });
+  });
+  return {grad_mu, grad_logvar};
 }
 
 GENFAST_CAPABILITY_NS_END

@@ -17,6 +17,8 @@
 //                      same pass (reparam_kl_forward).                          reads 2en, writes 8r (+ en);
 //                      rows longer than kChunk add 16 bytes per chunk (fp64 partial sums, written and read).
 //   kl_backward:       grad_mu = g[r] mu, grad_logvar = 0.5 g[r] expm1(logvar). reads 2en + 8r, writes 2en.
+//                      With grad_z (reparam_kl_backward) plus the sampling gradient, eps drawn again.
+//                                                                               reads 3en + 8r, writes 2en.
 // expm1 instead of exp - 1: no cancellation for logvar near 0, where a VAE's posterior starts.
 //
 // KL reduction, deterministic and independent of the device and grid: a row is cut into chunks of
@@ -202,22 +204,42 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Elementwise over groups of 4; each element's row from a running (row, column) pair: one division a group.
-template <typename T, bool kAligned>
+// With kSample (reparam_kl_backward) the sampling gradient is added before the one rounding: grad_mu +=
+// grad_z, grad_logvar = 0.5 (grad_z eps exp(0.5 logvar) + g expm1(logvar)), eps drawn again as the
+// forward drew it (group g of the flat index).
+template <typename T, bool kAligned, bool kSample>
 __global__ void __launch_bounds__(kThreads)
     kl_backward_kernel(const KlSum* __restrict__ grad_kl, const T* __restrict__ mu, const T* __restrict__ logvar,
-                       T* __restrict__ grad_mu, T* __restrict__ grad_logvar, int64_t n, int64_t cols) {
+                       const T* __restrict__ grad_z, const int64_t* __restrict__ rng_state, T* __restrict__ grad_mu,
+                       T* __restrict__ grad_logvar, int64_t n, int64_t cols) {
   using acc_t = at::opmath_type<T>;
+  uint64_t seed = 0, offset = 0;
+  if constexpr (kSample) seed = static_cast<uint64_t>(rng_state[0]), offset = static_cast<uint64_t>(rng_state[1]);
   const int64_t groups = ceil_div(n, 4);
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
     const Group<T> m = load_group<kAligned>(mu, g, 0, n), lv = load_group<kAligned>(logvar, g, 0, n);
+    Group<T> gz{};
+    Normal4 eps{};
+    if constexpr (kSample) {
+      gz = load_group<kAligned>(grad_z, g, 0, n);
+      eps = philox_normal4(seed, offset, g);
+    }
     int64_t row = 4 * g / cols, col = 4 * g - row * cols;
     Group<T> dm, dlv;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       if (4 * g + k >= n) break;
-      const acc_t gk = static_cast<acc_t>(grad_kl[row]);
-      dm.v[k] = static_cast<T>(gk * static_cast<acc_t>(m.v[k]));
-      dlv.v[k] = static_cast<T>(acc_t(0.5) * gk * expm1(static_cast<acc_t>(lv.v[k])));
+      const acc_t gk = static_cast<acc_t>(grad_kl[row]), a = static_cast<acc_t>(m.v[k]),
+                  b = static_cast<acc_t>(lv.v[k]);
+      if constexpr (kSample) {
+        const acc_t dz = static_cast<acc_t>(gz.v[k]);
+        dm.v[k] = static_cast<T>(dz + gk * a);
+        dlv.v[k] =
+            static_cast<T>(acc_t(0.5) * (dz * static_cast<acc_t>(eps.v[k]) * exp(acc_t(0.5) * b) + gk * expm1(b)));
+      } else {
+        dm.v[k] = static_cast<T>(gk * a);
+        dlv.v[k] = static_cast<T>(acc_t(0.5) * gk * expm1(b));
+      }
       if (++col == cols) col = 0, ++row;
     }
     store_group<kAligned>(grad_mu, g, 0, n, dm);
@@ -307,6 +329,51 @@ at::Tensor new_rng_state(const at::Tensor& mu) { return at::empty({2}, mu.option
 // kl is in the math type: float64 for float64 inputs, float32 for the others.
 at::ScalarType kl_dtype(const at::Tensor&) { return at::kDouble; }
 
+void check_grad_kl(const at::Tensor& grad_kl, const at::Tensor& mu) {
+  CHECK_CUDA(grad_kl);
+  CHECK_CONTIGUOUS(grad_kl);
+  CHECK_SAME_DEVICE(grad_kl, mu);
+  CHECK_SHAPE(grad_kl, rows_of(mu));
+  TORCH_CHECK(grad_kl.scalar_type() == kl_dtype(mu), "grad_kl must be ", kl_dtype(mu), ", got ", grad_kl.scalar_type());
+}
+
+void check_rng_state(const at::Tensor& rng_state, const at::Tensor& like) {
+  CHECK_CUDA(rng_state);
+  CHECK_CONTIGUOUS(rng_state);
+  CHECK_SAME_DEVICE(rng_state, like);
+  CHECK_SHAPE(rng_state, 2);
+  TORCH_CHECK(rng_state.scalar_type() == at::kLong, "rng_state must be int64, got ", rng_state.scalar_type());
+}
+
+// {grad_mu, grad_logvar} of the KL, plus the sampling gradient when grad_z and rng_state are given.
+std::vector<at::Tensor> launch_kl_backward(const at::Tensor& grad_kl, const at::Tensor& mu, const at::Tensor& logvar,
+                                           const at::Tensor* grad_z, const at::Tensor* rng_state) {
+  const at::cuda::OptionalCUDAGuard guard(mu.device());
+  at::Tensor grad_mu = at::empty_like(mu), grad_logvar = at::empty_like(logvar);
+  const int64_t n = mu.numel();
+  if (n == 0) return {grad_mu, grad_logvar};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "kl_backward_cuda", [&] {
+    const scalar_t* gz_ptr = grad_z ? grad_z->data_ptr<scalar_t>() : nullptr;
+    const bool aligned =
+        group_aligned<scalar_t>({mu.data_ptr(), logvar.data_ptr(), gz_ptr, grad_mu.data_ptr(), grad_logvar.data_ptr()});
+    dispatch_flag(aligned, [&](auto kAligned) {
+      dispatch_flag(grad_z != nullptr, [&](auto kSample) {
+        // No fp64 kernel with sampling: reparam_kl_backward_cuda takes another path for fp64 (it says why).
+        constexpr bool kA = decltype(kAligned)::value,
+                       kS = decltype(kSample)::value && !std::is_same_v<scalar_t, double>;
+        TORCH_INTERNAL_ASSERT(kS == (grad_z != nullptr), "no fused fp64 kl_backward_kernel with sampling");
+        kl_backward_kernel<scalar_t, kA, kS><<<blocks_for(ceil_div(n, 4)), kThreads, 0, stream>>>(
+            grad_kl.data_ptr<KlSum>(), mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), gz_ptr,
+            rng_state ? rng_state->data_ptr<int64_t>() : nullptr, grad_mu.data_ptr<scalar_t>(),
+            grad_logvar.data_ptr<scalar_t>(), n, mu.size(-1));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return {grad_mu, grad_logvar};
+}
+
 }  // namespace
 
 std::vector<at::Tensor> reparam_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
@@ -334,11 +401,7 @@ std::vector<at::Tensor> reparam_forward_cuda(const at::Tensor& mu, const at::Ten
 
 at::Tensor reparam_backward_cuda(const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& rng_state) {
   check_pair(grad_z, logvar);
-  CHECK_CUDA(rng_state);
-  CHECK_CONTIGUOUS(rng_state);
-  CHECK_SAME_DEVICE(rng_state, logvar);
-  CHECK_SHAPE(rng_state, 2);
-  TORCH_CHECK(rng_state.scalar_type() == at::kLong, "rng_state must be int64, got ", rng_state.scalar_type());
+  check_rng_state(rng_state, logvar);
   const at::cuda::OptionalCUDAGuard guard(logvar.device());
   at::Tensor grad_logvar = at::empty_like(logvar);
   const int64_t n = logvar.numel();
@@ -370,28 +433,8 @@ at::Tensor kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar) {
 std::vector<at::Tensor> kl_backward_cuda(const at::Tensor& grad_kl, const at::Tensor& mu, const at::Tensor& logvar) {
   check_pair(mu, logvar);
   check_rows(mu);
-  CHECK_CUDA(grad_kl);
-  CHECK_CONTIGUOUS(grad_kl);
-  CHECK_SAME_DEVICE(grad_kl, mu);
-  CHECK_SHAPE(grad_kl, rows_of(mu));
-  TORCH_CHECK(grad_kl.scalar_type() == kl_dtype(mu), "grad_kl must be ", kl_dtype(mu), ", got ", grad_kl.scalar_type());
-  const at::cuda::OptionalCUDAGuard guard(mu.device());
-  at::Tensor grad_mu = at::empty_like(mu), grad_logvar = at::empty_like(logvar);
-  const int64_t n = mu.numel();
-  if (n == 0) return {grad_mu, grad_logvar};
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "kl_backward_cuda", [&] {
-    const bool aligned =
-        group_aligned<scalar_t>({mu.data_ptr(), logvar.data_ptr(), grad_mu.data_ptr(), grad_logvar.data_ptr()});
-    dispatch_flag(aligned, [&](auto kAligned) {
-      constexpr bool kA = decltype(kAligned)::value;
-      kl_backward_kernel<scalar_t, kA><<<blocks_for(ceil_div(n, 4)), kThreads, 0, stream>>>(
-          grad_kl.data_ptr<KlSum>(), mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(),
-          grad_logvar.data_ptr<scalar_t>(), n, mu.size(-1));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return {grad_mu, grad_logvar};
+  check_grad_kl(grad_kl, mu);
+  return launch_kl_backward(grad_kl, mu, logvar, nullptr, nullptr);
 }
 
 std::vector<at::Tensor> reparam_kl_forward_cuda(const at::Tensor& mu, const at::Tensor& logvar,
@@ -407,6 +450,30 @@ std::vector<at::Tensor> reparam_kl_forward_cuda(const at::Tensor& mu, const at::
   at::Tensor rng_state = new_rng_state(mu), kl = at::empty({rows_of(mu)}, mu.options().dtype(kl_dtype(mu)));
   launch_kl_rows(mu, logvar, &z, kl, reserve_noise(generator, mu), &rng_state);
   return {z, rng_state, kl};
+}
+
+std::vector<at::Tensor> reparam_kl_backward_cuda(const at::Tensor& grad_z, const at::Tensor& grad_kl,
+                                                 const at::Tensor& mu, const at::Tensor& logvar,
+                                                 const at::Tensor& rng_state) {
+  check_pair(mu, logvar);
+  CHECK_CUDA(grad_z);
+  CHECK_SAME_DEVICE(grad_z, mu);
+  CHECK_CONTIGUOUS(grad_z);
+  CHECK_SAME_DTYPE(grad_z, mu);
+  CHECK_SAME_SHAPE(grad_z, mu);
+  check_rows(mu);
+  check_grad_kl(grad_kl, mu);
+  check_rng_state(rng_state, mu);
+  if (mu.scalar_type() == at::kDouble) {
+    // fp64: the KL kernel, the sampling kernel and two adds. One fp64 kernel computing both exp and
+    // expm1 of double needs a stack frame on sm_80/sm_90 (tests/test_build.py refuses those), and fp64
+    // VAEs are rare enough not to be worth a kernel shaped around it.
+    std::vector<at::Tensor> grads = launch_kl_backward(grad_kl, mu, logvar, nullptr, nullptr);
+    grads[0].add_(grad_z);
+    grads[1].add_(reparam_backward_cuda(grad_z, logvar, rng_state));
+    return grads;
+  }
+  return launch_kl_backward(grad_kl, mu, logvar, &grad_z, &rng_state);
 }
 
 }  // namespace genfast

@@ -69,6 +69,18 @@ KL_BACKWARD = Op(
     lambda grad_kl, mu, logvar: (_contiguous_like(mu), _contiguous_like(logvar)),
 )
 
+SAMPLE_KL_BACKWARD = Op(
+    "reparameterize_kl_backward",
+    "(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor rng_state) -> (Tensor, Tensor)",
+    Kernels(
+        reference=reference.reparam_kl_backward,
+        cpu=lambda: _C.reparam_kl_backward_cpu,
+        cuda=lambda: _C.reparam_kl_backward_cuda,
+        triton=lambda: _triton().reparam_kl_backward,
+    ),
+    lambda grad_z, grad_kl, mu, logvar, rng_state: (_contiguous_like(mu), _contiguous_like(logvar)),
+)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Autograd: one rule per op
@@ -114,7 +126,13 @@ def _setup_sample_kl(ctx, inputs, output) -> None:
 
 
 def _sample_kl_backward(ctx, grad_z, _grad_state, grad_kl):
-    logvar, _, mu = ctx.saved_tensors
+    logvar, rng_state, mu = ctx.saved_tensors
+    if grad_z is not None and grad_kl is not None and ctx.needs_input_grad[1]:
+        # Both gradients reach logvar: one kernel sums them (one pass, each element rounded once).
+        grad_mu, grad_logvar = SAMPLE_KL_BACKWARD.run(
+            ctx.backend, grad_z, grad_kl.to(KL_ROWS_DTYPE), mu, logvar, rng_state
+        )
+        return grad_mu if ctx.needs_input_grad[0] else None, grad_logvar, None
     grad_mu, grad_logvar = _sample_gradients(ctx, grad_z)
     kl_mu, kl_logvar = _kl_gradients(ctx, grad_kl, mu, logvar)
     return plus(grad_mu, kl_mu), plus(grad_logvar, kl_logvar), None

@@ -17,6 +17,9 @@ eps itself is always fp32):
                                                                              reads 2en, writes 8r (+ en).
   _kl_backward_kernel  grad_mu = g[r] mu, grad_logvar = 0.5 g[r] expm1(logvar).
                                                                              reads 2en + 8r, writes 2en.
+  _sample_kl_backward_kernel  both of those plus the sampling gradient (grad_mu + grad_z, grad_logvar +
+                       0.5 grad_z eps exp(0.5 logvar)), rounded once; in the steps of _kl_rows_kernel.
+                                                                             reads 3en + 8r, writes 2en.
 Configs by rule, no autotuning: these kernels are memory-bound, every config gives the same bits, and
 a first call under CUDA-graph capture (or at a new size) must not stop to time candidates: a sample
 program takes _SAMPLE_BLOCK groups, a row program the most rows (<= 128) whose tile of WIDTH-wide steps
@@ -51,11 +54,11 @@ _MAX_ROWS = 128  # rows of a row kernel's program
 _SAMPLE_BLOCK, _SAMPLE_WARPS = 256, 4  # Philox groups (4 elements each) of a sample program; its warps
 
 
-def _row_block(log2_width: int, dtype: torch.dtype) -> tuple[int, int]:
+def _row_block(log2_width: int, dtype: torch.dtype, max_tile: int = _MAX_TILE) -> tuple[int, int]:
     """(rows per program, warps) of a row kernel whose steps are 2^log2_width wide: short rows get many
     rows per program, long rows few; 8 warps where the tile is largest. fp64 tiles are a quarter of the
     size (fp64 math at _MAX_TILE spilled registers)."""
-    max_tile = _MAX_TILE // 4 if dtype == torch.float64 else _MAX_TILE
+    max_tile = max_tile // 4 if dtype == torch.float64 else max_tile
     rows = min(_MAX_ROWS, max_tile >> log2_width)
     return rows, 8 if rows << log2_width >= max_tile else 4
 
@@ -195,6 +198,47 @@ def _kl_backward_kernel(
         tl.store(glv_ptr + offs, (0.5 * g * expm1(lv)).to(glv_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _sample_kl_backward_kernel(
+    gz_ptr,
+    g_ptr,
+    mu_ptr,
+    lv_ptr,
+    state_ptr,
+    gmu_ptr,
+    glv_ptr,
+    rows,
+    cols,
+    steps,
+    ACC: tl.constexpr,
+    LOG2_WIDTH: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Rows [pid BLOCK_R, (pid + 1) BLOCK_R) in the steps of _kl_rows_kernel (aligned to Philox groups, so
+    eps is drawn a group at a time): grad_mu = grad_z + g[r] mu, grad_logvar = 0.5 (grad_z eps
+    exp(0.5 logvar) + g[r] expm1(logvar)), each rounded once."""
+    WIDTH: tl.constexpr = 2**LOG2_WIDTH
+    GROUPS_W: tl.constexpr = WIDTH // 4
+    rows_here = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_inside = rows_here < rows
+    lo = rows_here * cols
+    hi = tl.where(row_inside, lo + cols, lo)
+    first = lo // 4
+    g = tl.load(g_ptr + rows_here, mask=row_inside, other=0.0).to(ACC)[:, None]
+    for step in range(0, steps):
+        groups = first + step * GROUPS_W
+        offs = 4 * groups[:, None] + tl.arange(0, WIDTH)[None, :]
+        inside = (offs >= lo[:, None]) & (offs < hi[:, None])
+        gz = tl.load(gz_ptr + offs, mask=inside, other=0.0).to(ACC)
+        mu = tl.load(mu_ptr + offs, mask=inside, other=0.0).to(ACC)
+        lv = tl.load(lv_ptr + offs, mask=inside, other=0.0).to(ACC)
+        step_groups = groups[:, None] + tl.arange(0, GROUPS_W)[None, :]
+        eps = tl.reshape(_normals(state_ptr, step_groups), (BLOCK_R, WIDTH)).to(ACC)
+        tl.store(gmu_ptr + offs, (gz + g * mu).to(gmu_ptr.dtype.element_ty), mask=inside)
+        grad_logvar = 0.5 * (gz * eps * exp(0.5 * lv) + g * expm1(lv))
+        tl.store(glv_ptr + offs, grad_logvar.to(glv_ptr.dtype.element_ty), mask=inside)
+
+
 def _log2(power_of_two: int) -> int:
     return power_of_two.bit_length() - 1
 
@@ -228,6 +272,14 @@ def _sample(a: Tensor, logvar: Tensor, rng_state: Tensor, backward: bool, block:
     return out
 
 
+def _row_steps(cols: int) -> tuple[int, int]:
+    """(log2 of the step width, steps per row) of the kernels that walk rows in Philox-group-aligned steps."""
+    # Groups a row can touch: rows start at phase (r cols) % 4, at most (4 - gcd(cols, 4)) % 4.
+    groups = ((4 - math.gcd(cols, 4)) % 4 + cols - 1) // 4 + 1
+    groups_w = min(triton.next_power_of_2(groups), 2**_LOG2_MAX_WIDTH // 4)
+    return 2 + _log2(groups_w), triton.cdiv(groups, groups_w)
+
+
 def _kl_rows(
     mu: Tensor, logvar: Tensor, rng_state: Tensor | None, block: int | None
 ) -> tuple[Tensor, Tensor]:
@@ -236,10 +288,7 @@ def _kl_rows(
     z = torch.empty_like(mu) if rng_state is not None else None
     kl = mu.new_zeros(rows, dtype=KL_ROWS_DTYPE)  # an empty row sums to 0
     if mu.numel():
-        # Groups a row can touch: rows start at phase (r cols) % 4, at most (4 - gcd(cols, 4)) % 4.
-        groups = ((4 - math.gcd(cols, 4)) % 4 + cols - 1) // 4 + 1
-        groups_w = min(triton.next_power_of_2(groups), 2**_LOG2_MAX_WIDTH // 4)
-        log2_width = 2 + _log2(groups_w)
+        log2_width, steps = _row_steps(cols)
         _launch(
             _kl_rows_kernel,
             lambda b: triton.cdiv(rows, b),
@@ -253,7 +302,7 @@ def _kl_rows(
             rng_state,
             rows,
             cols,
-            triton.cdiv(groups, groups_w),
+            steps,
             SAMPLE=rng_state is not None,
             ACC=math_type(mu.dtype),
             LOG2_WIDTH=log2_width,
@@ -326,3 +375,42 @@ def reparam_kl_forward(
     rng_state = new_rng_state(mu.device, generator)
     z, kl = _kl_rows(mu, logvar, rng_state, block)
     return z, rng_state, kl
+
+
+def reparam_kl_backward(
+    grad_z: Tensor,
+    grad_kl: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    rng_state: Tensor,
+    *,
+    block: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """grad_mu = grad_z + g[r] mu, grad_logvar = 0.5 (grad_z eps exp(0.5 logvar) + g[r] expm1(logvar)) in
+    mu's dtype, eps drawn again from rng_state, g = grad_kl (rows,) float64 rounded to the math type."""
+    grad_mu, grad_logvar = torch.empty_like(mu), torch.empty_like(logvar)
+    cols, rows = mu.shape[-1], math.prod(mu.shape[:-1])
+    if mu.numel():
+        log2_width, steps = _row_steps(cols)
+        # Half the tile of the other row kernels: with 3 inputs, eps and 2 outputs a 4096-element tile
+        # took 255 registers and a stack frame (fp32, sm_90).
+        _launch(
+            _sample_kl_backward_kernel,
+            lambda b: triton.cdiv(rows, b),
+            _row_block(log2_width, mu.dtype, _MAX_TILE // 2),
+            block,
+            "BLOCK_R",
+            grad_z,
+            grad_kl,
+            mu,
+            logvar,
+            rng_state,
+            grad_mu,
+            grad_logvar,
+            rows,
+            cols,
+            steps,
+            ACC=math_type(mu.dtype),
+            LOG2_WIDTH=log2_width,
+        )
+    return grad_mu, grad_logvar
