@@ -682,12 +682,18 @@ def test_fused_sample_and_kl_equal_the_separate_ops(backend, device, reduction):
         torch.manual_seed(11)
         z_alone, kl_alone = genfast.reparameterize(mu, logvar), genfast.kl_divergence(mu, logvar, reduction)
         separate = torch.autograd.grad((z_alone, kl_alone), (mu, logvar), (grad_z, torch.ones_like(kl)))
-    assert torch.equal(z, z_alone) and torch.equal(kl, kl_alone)
+    assert torch.equal(z, z_alone)
+    eps = torch.finfo(torch.float32).eps
+    if reduction == "none":  # both are kl_rows
+        assert torch.equal(kl, kl_alone)
+    else:  # the reduced KL alone is the ELBO kernel's sum, its fp32 terms rounded in another order: the
+        # two fp64 totals differ in about the 8th digit and, rounded to fp32, can land 1 ulp apart (26 of
+        # 300 random inputs on Triton)
+        torch.testing.assert_close(kl, kl_alone, rtol=eps, atol=0)
     # The same math, its rounding steps in another order: the reduced KL alone writes its gradient in the
     # forward kernel (the ELBO's, 1/batch folded into the scale), the fused op scales in backward. Each
     # KL term (a product of 0.5, 1/batch and expm1) is rounded up to twice each way: 4 ulp apart at most,
     # at the scale of the gradient (added to the sampling term, it can cancel to a smaller value).
-    eps = torch.finfo(torch.float32).eps
     for a, b in zip(fused, separate):
         torch.testing.assert_close(a, b, rtol=4 * eps, atol=4 * eps * float(b.abs().max()))
 
