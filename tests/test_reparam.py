@@ -454,6 +454,29 @@ def test_public_sample_of_non_contiguous_inputs_is_the_kernels_of_their_copies(k
     assert torch.equal(z_generator, z)
 
 
+@pytest.mark.parametrize("backend, device", on(*ON_CPU, CUDA))
+def test_public_reparameterize_kl_of_non_contiguous_inputs_and_both_gradients(kernels, backend, device):
+    """Transposed mu, logvar and grad_z (784 x 100 viewed as 100 x 784): z and the summed KL both reach
+    the loss (the fused backward), gradients against float64 with the noise the forward drew."""
+    mu_leaf, logvar_leaf = leaves((784, 100), torch.float32, device)
+    mu, logvar = mu_leaf.t(), logvar_leaf.t()
+    grad_z = torch.randn(784, 100, device=device).t()
+    with genfast.use_backend(backend):
+        torch.manual_seed(9)
+        z, kl = genfast.reparameterize_kl(mu, logvar, reduction="sum")
+        grad_mu, grad_logvar = torch.autograd.grad((z, kl), (mu, logvar), (grad_z, torch.ones_like(kl)))
+    torch.manual_seed(9)
+    z_copy, rng_state = kernels.reparam_forward(mu.detach().contiguous(), logvar.detach().contiguous(), None)
+    assert torch.equal(z, z_copy)
+    eps = drawn_noise(rng_state, mu.shape)
+    m, lv = mu.detach(), logvar.detach()
+    gz64, m64, lv64, eps64 = grad_z.double(), m.double(), lv.double(), eps.double()
+    assert_within_rule("transposed grad_mu", grad_mu, grad_z + m, gz64 + m64)
+    eager = 0.5 * (grad_z * eps * torch.exp(0.5 * lv) + torch.expm1(lv))
+    exact = 0.5 * (gz64 * eps64 * torch.exp(0.5 * lv64) + torch.expm1(lv64))
+    assert_within_rule("transposed grad_logvar", grad_logvar, eager, exact)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gradients: gradcheck, what the forward saves, what backward refuses, a KL-only loss
 

@@ -56,8 +56,8 @@ _SAMPLE_BLOCK, _SAMPLE_WARPS = 256, 4  # Philox groups (4 elements each) of a sa
 
 def _row_block(log2_width: int, dtype: torch.dtype, max_tile: int = _MAX_TILE) -> tuple[int, int]:
     """(rows per program, warps) of a row kernel whose steps are 2^log2_width wide: short rows get many
-    rows per program, long rows few; 8 warps where the tile is largest. fp64 tiles are a quarter of the
-    size (fp64 math at _MAX_TILE spilled registers)."""
+    rows per program, long rows few; 8 warps where the tile is largest. Tiles hold at most max_tile
+    elements, a quarter of that for fp64 (fp64 math at _MAX_TILE spilled registers)."""
     max_tile = max_tile // 4 if dtype == torch.float64 else max_tile
     rows = min(_MAX_ROWS, max_tile >> log2_width)
     return rows, 8 if rows << log2_width >= max_tile else 4
