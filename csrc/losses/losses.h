@@ -31,10 +31,11 @@
 //
 // Inputs: contiguous (the Python layer makes them so), float16/bfloat16/float32/float64; target of
 // recon's dtype or uint8. BCE terms in fp32 (fp64 for fp64 inputs); MSE terms in fp64 (cheap, and a
-// loss of a few elements is then correctly rounded, where fp32 terms leave its last bit to chance); KL
-// and GAN terms in fp64 on the GPU, in the math type on the CPU (KL and BCE terms summed per row with
-// compensation in the math type, cpu_math.h; GAN terms summed in fp64); the rows' sums in fp64 in a
-// fixed order, so every result is the same bits run to run and, on the CPU, for any thread count.
+// loss of a few elements is then correctly rounded, where fp32 terms leave its last bit to chance); GAN
+// terms in fp64, but for BCE ones on the CPU (math type; summed in fp64); KL terms in fp64 on the GPU,
+// in the math type on the CPU (KL and BCE terms summed per row with compensation in the math type,
+// cpu_math.h); the rows' sums in fp64 in a fixed order, so every result is the same bits run to run
+// and, on the CPU, for any thread count.
 // Indices are int64.
 // Bytes (e bytes per element, e_t per target element): ELBO forward reads e BD + e_t BD + 2 e BL and
 // writes e (BD + 2 BL) gradients + 3 outputs; GAN forward reads and writes e (N0 + N1) (+ e N0 for

@@ -149,36 +149,42 @@ double ordered_sum(const double* v, int64_t n) {
 // GAN
 
 // Sum of term T over x[0, n); gradient times gscale to grad (if given), and each element's loss added
-// to `each` (if given, math type, zeroed by the caller). Terms in the math type (the inline exp and log1p
-// of cpu_math.h in fp32 lanes: fp64 terms cost ~5 ns an element in SLEEF's double exp and log1p), summed
-// in fp64: GAN terms have both signs, and a compensated fp32 sum per lane is only as accurate as its
-// lane's partial sum, which may be far larger than the total.
-template <Term T, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-double gan_block(const scalar_t* x, int64_t n, double param, scalar_t* grad, double gscale, acc_t* each) {
-  using V = Vectorized<acc_t>;
-  acc_t xbuf[kChunk], gbuf[kChunk];
-  const V p(static_cast<acc_t>(param)), vg(static_cast<acc_t>(gscale));
+// to `each` (if given, zeroed by the caller). BCE terms in the math type (the inline exp and log1p of
+// cpu_math.h in fp32 lanes: fp64 terms cost ~5 ns an element in SLEEF's double exp and log1p); the
+// others, which need no transcendental, in double, so that a loss of a few elements is correctly rounded
+// as eager's sometimes is. Sums in fp64: GAN terms have both signs, and a compensated fp32 sum per lane is
+// only as accurate as its lane's partial sum, which may be far larger than the total.
+template <Term T, typename scalar_t>
+double gan_block(const scalar_t* x, int64_t n, double param, scalar_t* grad, double gscale, double* each) {
+  using m_t = std::conditional_t<T == Term::Bce, at::opmath_type<scalar_t>, double>;
+  using V = Vectorized<m_t>;
+  m_t xbuf[kChunk], gbuf[kChunk];
+  const V p(static_cast<m_t>(param)), vg(static_cast<m_t>(gscale));
   Fp64Sum sum;
   for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
     const int64_t len = std::min(kChunk, n - j0);
-    const acc_t* xs = as_math(x + j0, xbuf, len, acc_t(1));
-    acc_t* gs = grad_slot<acc_t>(grad ? grad + j0 : nullptr, gbuf);
+    const m_t* xs = as_math(x + j0, xbuf, len, m_t(1));
+    m_t* gs = grad_slot<m_t>(grad ? grad + j0 : nullptr, gbuf);
     for (int64_t j = 0; j < len; j += V::size()) {
       const int64_t m = std::min<int64_t>(V::size(), len - j);
       V g;
       const V loss = V::set(V(0), gan_term<T>(V::loadu(xs + j, m), p, g), m);  // tail lanes: 0
       sum.add(loss);
       if (gs) (g * vg).store(gs + j, m);
-      if (each) (V::loadu(each + j0 + j, m) + loss).store(each + j0 + j, m);
+      if (each) {
+        m_t lanes[V::size()];
+        loss.store(lanes);
+        for (int64_t k = 0; k < m; ++k) each[j0 + j + k] += lanes[k];
+      }
     }
     store_grad(gbuf, grad ? grad + j0 : nullptr, len);
   }
   return sum.total();
 }
 
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t>
 double gan_block_dispatch(Term term, const scalar_t* x, int64_t n, double param, scalar_t* grad, double gscale,
-                          acc_t* each) {
+                          double* each) {
   switch (term) {
     case Term::Bce: return gan_block<Term::Bce>(x, n, param, grad, gscale, each);
     case Term::Hinge: return gan_block<Term::Hinge>(x, n, param, grad, gscale, each);
@@ -207,7 +213,7 @@ at::Tensor gan_loss(const GanSegment (&segments)[2], Reduction reduction) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t first = blk * kGanBlock;
       for (int64_t c0 = first; c0 < std::min(n, first + kGanBlock); c0 += kChunk) {
-        at::opmath_type<scalar_t> each[kChunk] = {};
+        double each[kChunk] = {};
         for (int s = 0; s < 2; ++s) {
           const GanSegment& seg = segments[s];
           const int64_t len = std::min(kChunk, seg.x.numel() - c0);
