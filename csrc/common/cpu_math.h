@@ -20,7 +20,7 @@ using at::vec::Vectorized;
 constexpr int64_t kChunk = 256;  // elements per conversion buffer (half, bfloat16, uint8 -> float)
 
 template <typename V>
-V log1p_unit(const V& e);  // below
+C10_ALWAYS_INLINE V log1p_unit(const V& e);  // below
 
 // activations.h's math functions on Vectorized<float> or Vectorized<double> lanes (SLEEF where ATen uses
 // it), so act_forward<VecMath> / act_derivative<VecMath> run the one formula of each activation on vectors.
@@ -159,9 +159,15 @@ class BufferSum {
 // error of PyTorch's float32 functions over the whole range (tests/test_cpu_math.py); double lanes keep
 // SLEEF's.
 
-// x = k ln2 + r for x in [-87, 88] (Cody-Waite, |r| <= ln2/2): 2^k and expm1(r), by its Taylor series to
-// r^8/8! (the truncation is below 2^-30 of it).
-inline void split_exp(const Vectorized<float>& x, Vectorized<float>& two_k, Vectorized<float>& expm1_r) {
+// These are inline in the loops that call them, with no call out of line even for rare lanes: a SLEEF
+// fallback call in exp and expm1 made the compiler keep the loops' constants in memory and left exp out of
+// line; without it the BCE row runs ~25% and the KL row ~30% faster (AVX2, measured).
+
+// x = k ln2 + r for x in [-104, 89] (Cody-Waite, |r| <= ln2/2): expm1(r), by its Taylor series to r^8/8!
+// (the truncation is below 2^-30 of it), and 2^k as two factors 2^(k/2) 2^(k - k/2), each a normal float
+// for k in [-150, 129].
+C10_ALWAYS_INLINE void split_exp(const Vectorized<float>& x, Vectorized<float>& two_k1, Vectorized<float>& two_k2,
+                                 Vectorized<float>& expm1_r) {
   using V = Vectorized<float>;
   using I = Vectorized<int32_t>;
   const V k = (x * V(1.44269504088896341f)).round();
@@ -169,46 +175,46 @@ inline void split_exp(const Vectorized<float>& x, Vectorized<float>& two_k, Vect
   V q(1.f / 40320);
   for (const float c : {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f}) q = at::vec::fmadd(q, r, V(c));
   expm1_r = at::vec::fmadd(r * r, q, r);
-  two_k = at::vec::cast<float>((at::vec::convert_to_int_of_same_size(k) + I(127)) << I(23));
+  const I ki = at::vec::convert_to_int_of_same_size(k);
+  const I k1 = ki >> I(1);
+  two_k1 = at::vec::cast<float>((k1 + I(127)) << I(23));
+  two_k2 = at::vec::cast<float>((ki - k1 + I(127)) << I(23));
 }
 
 // exp(x) - 1 = 2^k expm1(r) + (2^k - 1) in one FMA: k = 0 gives expm1(r) itself, so no cancellation near 0.
-// Below -87 exp underflows: -1. A vector with a lane above 88 (where 2^k overflows) takes SLEEF's
-// exp(x) - 1 in those lanes. NaN stays NaN.
+// Below -87 exp underflows: -1. Lanes above 88 (2^k past float's exponents) take 2^(k/2) (1 + expm1(r))
+// 2^(k - k/2): finite up to ln(FLT_MAX), inf beyond. NaN stays NaN (clamp keeps it).
 template <typename V>
-V expm1(const V& x) {
+C10_ALWAYS_INLINE V expm1(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, double>) {
     return x.expm1();
   } else {
-    V two_k, p;
-    split_exp(at::vec::maximum(x, V(-87.f)), two_k, p);
-    V result = at::vec::fmadd(two_k, p, two_k - V(1));
-    const V big = x > V(88.f);
-    if (big.zero_mask() != (1 << V::size()) - 1) result = V::blendv(result, x.exp() - V(1), big);
-    return result;
+    const V c = at::vec::clamp(x, V(-87.f), V(89.f));
+    V f1, f2, p;
+    split_exp(c, f1, f2, p);
+    const V two_k = f1 * f2;  // inf for k = 128: those lanes are above 88
+    return V::blendv(at::vec::fmadd(two_k, p, two_k - V(1)), at::vec::fmadd(f1, p, f1) * f2, c > V(88.f));
   }
 }
 
-// exp(x) = 2^k expm1(r) + 2^k in one FMA. A vector with a lane outside [-87, 88] (where exp is subnormal
-// or overflows) or NaN takes SLEEF's exp in those lanes.
+// exp(x) = 2^k expm1(r) + 2^k, as 2^(k/2) (1 + expm1(r)) 2^(k - k/2): the same bits as one FMA by 2^k
+// where the result is a normal float; a subnormal one is rounded once more, by the last product. x
+// clamped to [-104, 89] (beyond, exp is 0 or inf in float); NaN stays NaN.
 template <typename V>
-V exp(const V& x) {
+C10_ALWAYS_INLINE V exp(const V& x) {
   if constexpr (std::is_same_v<typename V::value_type, double>) {
     return x.exp();
   } else {
-    V two_k, p;
-    split_exp(at::vec::clamp(x, V(-87.f), V(88.f)), two_k, p);
-    V result = at::vec::fmadd(two_k, p, two_k);
-    const V inside = (x >= V(-87.f)) & (x <= V(88.f));
-    if (inside.zero_mask() != 0) result = V::blendv(x.exp(), result, inside);
-    return result;
+    V f1, f2, p;
+    split_exp(at::vec::clamp(x, V(-104.f), V(89.f)), f1, f2, p);
+    return at::vec::fmadd(f1, p, f1) * f2;
   }
 }
 
 // log(1 + e) for e in [0, 1] (log(1 + exp(-|x|)) of the BCE): 2 atanh(s) with s = e / (2 + e) in [0, 1/3],
 // its odd series s (1 + s^2/3 + ... + s^14/15) (the next term is below 2^-28 of the result). NaN stays NaN.
 template <typename V>
-V log1p_unit(const V& e) {
+C10_ALWAYS_INLINE V log1p_unit(const V& e) {
   if constexpr (std::is_same_v<typename V::value_type, double>) {
     return e.log1p();
   } else {
@@ -282,8 +288,24 @@ double kl_row(const scalar_t* mu, const scalar_t* lv, scalar_t* gmu, scalar_t* g
     const acc_t* ls = as_math(lv + j0, lbuf, len, acc_t(1));
     acc_t* gm = grad_slot<acc_t>(gmu ? gmu + j0 : nullptr, gmbuf);
     acc_t* gl = grad_slot<acc_t>(glv ? glv + j0 : nullptr, glbuf);
-    for (int64_t j = 0; j < len; j += V::size()) {
-      const int64_t m = std::min<int64_t>(V::size(), len - j);
+    constexpr int64_t w = V::size();
+    int64_t j = 0;
+    for (; j + 2 * w <= len; j += 2 * w) {  // two vectors an iteration: their chains overlap
+      const V m0 = V::loadu(ms + j), m1 = V::loadu(ms + j + w), l0 = V::loadu(ls + j), l1 = V::loadu(ls + j + w);
+      const V e0 = expm1(l0), e1 = expm1(l1);
+      if (want_sum) {
+        (e0 - l0 + m0 * m0).store(terms + j);
+        (e1 - l1 + m1 * m1).store(terms + j + w);
+      }
+      if (gm) {
+        (vg * m0).store(gm + j);
+        (vg * m1).store(gm + j + w);
+        (vg_half * e0).store(gl + j);
+        (vg_half * e1).store(gl + j + w);
+      }
+    }
+    for (; j < len; j += w) {
+      const int64_t m = std::min<int64_t>(w, len - j);
       const V mv = V::loadu(ms + j, m), lvv = V::loadu(ls + j, m), em1 = expm1(lvv);
       if (want_sum) (em1 - lvv + mv * mv).store(terms + j, m);
       if (gm) {

@@ -34,7 +34,7 @@ struct TypeTag {
 // Elementwise math on vectors of the math type: returns the loss, sets grad to its derivative.
 
 template <typename V>
-V bce(V x, V t, V& grad) {
+C10_ALWAYS_INLINE V bce(V x, V t, V& grad) {
   const V zero(0), one(1);
   const V e = exp(x.abs().neg());                       // exp(-|x|) in (0, 1]: never overflows; NaN stays NaN
   grad = V::blendv(e, one, x >= zero) / (one + e) - t;  // sigmoid(x) - t
@@ -100,11 +100,25 @@ double bce_row(const scalar_t* x, const target_t* t, scalar_t* grad, int64_t n, 
     const acc_t* xs = as_math(x + j0, xbuf, len, acc_t(1));
     const acc_t* ts = as_math(t + j0, tbuf, len, static_cast<acc_t>(tscale));
     acc_t* gs = grad_slot<acc_t>(grad ? grad + j0 : nullptr, gbuf);
-    for (int64_t j = 0; j < len; j += V::size()) {
-      const int64_t m = std::min<int64_t>(V::size(), len - j);
-      const V xv = V::loadu(xs + j, m), tv = V::loadu(ts + j, m);
+    constexpr int64_t w = V::size();
+    int64_t j = 0;
+    // Two vectors an iteration: their chains (exp, two divisions, a series) are independent and overlap;
+    // one at a time, each waited on its own latency (~50 cycles a vector on AVX2, measured).
+    for (; j + 2 * w <= len; j += 2 * w) {
+      V g0, g1;
+      const V l0 = bce(V::loadu(xs + j), V::loadu(ts + j), g0);
+      const V l1 = bce(V::loadu(xs + j + w), V::loadu(ts + j + w), g1);
+      l0.store(terms + j);
+      l1.store(terms + j + w);
+      if (gs) {
+        (g0 * vg).store(gs + j);
+        (g1 * vg).store(gs + j + w);
+      }
+    }
+    for (; j < len; j += w) {
+      const int64_t m = std::min<int64_t>(w, len - j);
       V g;
-      bce(xv, tv, g).store(terms + j, m);  // tail lanes (loss(0, 0)) not stored
+      bce(V::loadu(xs + j, m), V::loadu(ts + j, m), g).store(terms + j, m);  // tail lanes not stored
       if (gs) (g * vg).store(gs + j, m);
     }
     sum.add(terms, len);
